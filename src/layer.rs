@@ -1,0 +1,501 @@
+//! [`LogNormalDropout`]: the multiplicative log-normal noise layer of Structured Bayesian
+//! Pruning, with its closed-form KL term.
+//!
+//! The layer multiplies its input by `θ`, one noise variable per unit along an axis (a conv
+//! channel of an NCHW tensor or a feature of an `(N, F)` tensor), with
+//! `log θ ~ N(μ, σ²)` truncated to `[a, b]`. In training, `θ` is sampled with a
+//! reparameterised gradient to `μ` and `log σ`; in evaluation, a unit is multiplied by
+//! `E[θ]` if its signal-to-noise ratio exceeds the threshold and by 0 otherwise.
+//!
+//! # How the exact f64 maths meets candle's autograd
+//!
+//! The sample `log θ` and the KL are computed in f64 by [`crate::truncnorm`], together with
+//! their derivatives with respect to `μ` and `log σ`. They enter the graph as the exact
+//! first-order expansion `value + g_μ·(μ − detach(μ)) + g_σ·(log σ − detach(log σ))`: the
+//! bracket is exactly zero, so the forward value is bit-exact, and backpropagation yields
+//! exactly `g_μ` and `g_σ`. This needs only standard tensor ops, so it runs on every device
+//! candle supports.
+
+use std::sync::{Arc, Mutex};
+
+use candle::{DType, Device, Tensor};
+use candle_nn::{Init, VarBuilder};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::truncnorm::{
+    TruncatedLogNormal, DEFAULT_A, DEFAULT_B, LOG_SIGMA_RANGE, MAX_ABS_LOCATION,
+};
+
+/// How many noise draws a training step takes per unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseMode {
+    /// One `θ` per unit per step, shared by the whole batch (the paper's code).
+    #[default]
+    SharedPerBatch,
+    /// One `θ` per unit per example: lower-variance gradients, more draws.
+    PerExample,
+}
+
+/// Configuration of a [`LogNormalDropout`] layer. The defaults are the paper's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogNormalDropoutConfig {
+    /// The axis that indexes units (1: channels of NCHW, features of `(N, F)`). Axis 0 is
+    /// the batch and cannot carry units.
+    pub axis: usize,
+    /// Lower bound of `log θ` (default -20).
+    pub a: f64,
+    /// Upper bound of `log θ` (default 0).
+    pub b: f64,
+    /// Initial `μ` (default 0).
+    pub mu_init: f64,
+    /// Initial `log σ` (default -5).
+    pub log_sigma_init: f64,
+    /// `μ` is clamped to this range before use; outside it its gradient is zero
+    /// (default `(-20, 5)`).
+    pub mu_clamp: (f64, f64),
+    /// `log σ` is clamped to this range before use (default `(-20, 5)`).
+    pub log_sigma_clamp: (f64, f64),
+    /// Units with SNR at most this are removed at evaluation (default 1).
+    pub snr_threshold: f64,
+    /// How noise is drawn in training.
+    pub noise: NoiseMode,
+    /// Seed of the noise stream; each layer mixes it with its own name, so layers built
+    /// from one config draw independent streams.
+    pub seed: u64,
+}
+
+impl Default for LogNormalDropoutConfig {
+    fn default() -> Self {
+        Self {
+            axis: 1,
+            a: DEFAULT_A,
+            b: DEFAULT_B,
+            mu_init: 0.0,
+            log_sigma_init: -5.0,
+            mu_clamp: (-20.0, 5.0),
+            log_sigma_clamp: (-20.0, 5.0),
+            snr_threshold: 1.0,
+            noise: NoiseMode::SharedPerBatch,
+            seed: 0,
+        }
+    }
+}
+
+impl LogNormalDropoutConfig {
+    /// Checks that the configuration can work; `layer` names the layer in the error.
+    pub fn validate(&self, layer: &str) -> Result<()> {
+        let fail = |reason: String| {
+            Err(Error::InvalidConfig {
+                layer: layer.to_string(),
+                reason,
+            })
+        };
+        let finite = [
+            ("a", self.a),
+            ("b", self.b),
+            ("mu_init", self.mu_init),
+            ("log_sigma_init", self.log_sigma_init),
+            ("mu_clamp.0", self.mu_clamp.0),
+            ("mu_clamp.1", self.mu_clamp.1),
+            ("log_sigma_clamp.0", self.log_sigma_clamp.0),
+            ("log_sigma_clamp.1", self.log_sigma_clamp.1),
+            ("snr_threshold", self.snr_threshold),
+        ];
+        for (name, value) in finite {
+            if !value.is_finite() {
+                return fail(format!("{name} = {value} is not finite"));
+            }
+        }
+        if self.a >= self.b {
+            return fail(format!(
+                "the bounds need a < b, got a = {}, b = {}",
+                self.a, self.b
+            ));
+        }
+        for (name, (lo, hi), limit) in [
+            (
+                "mu_clamp",
+                self.mu_clamp,
+                (-MAX_ABS_LOCATION, MAX_ABS_LOCATION),
+            ),
+            ("log_sigma_clamp", self.log_sigma_clamp, LOG_SIGMA_RANGE),
+        ] {
+            if lo >= hi || lo < limit.0 || hi > limit.1 {
+                return fail(format!(
+                    "{name} = ({lo}, {hi}) must be an increasing range within [{}, {}]",
+                    limit.0, limit.1
+                ));
+            }
+        }
+        if self.a.abs() > MAX_ABS_LOCATION || self.b.abs() > MAX_ABS_LOCATION {
+            return fail(format!("the bounds must lie within ±{MAX_ABS_LOCATION}"));
+        }
+        if self.snr_threshold < 0.0 {
+            return fail(format!(
+                "snr_threshold = {} must not be negative",
+                self.snr_threshold
+            ));
+        }
+        if self.axis == 0 {
+            return fail("axis 0 is the batch axis; units live on axis >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Log-normal multiplicative noise on the units of a layer (Structured Bayesian Pruning).
+///
+/// Build it with [`log_normal_dropout`] so that `μ` and `log σ` live in your `VarMap`.
+/// Clones share the parameters and the noise stream.
+///
+/// [`LogNormalDropout::forward_t`] returns this crate's typed [`Error`]; the
+/// [`candle::ModuleT`] implementation returns the same errors as candle errors.
+#[derive(Debug, Clone)]
+pub struct LogNormalDropout {
+    mu: Tensor,
+    log_sigma: Tensor,
+    config: LogNormalDropoutConfig,
+    name: String,
+    rng: Arc<Mutex<StdRng>>,
+}
+
+/// Creates a [`LogNormalDropout`] over `units` units with its parameters `mu` and
+/// `log_sigma` taken from (or created in) `vb`.
+///
+/// ```
+/// use candle::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use candle_sbp::layer::{log_normal_dropout, LogNormalDropoutConfig};
+///
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let sbp = log_normal_dropout(16, LogNormalDropoutConfig::default(), vb.pp("sbp1"))?;
+/// let x = Tensor::ones((4, 16, 8, 8), DType::F32, &Device::Cpu)?;
+/// let noisy = sbp.forward_t(&x, true)?; // training: sampled θ
+/// let clean = sbp.forward_t(&x, false)?; // evaluation: E[θ] on kept units
+/// assert_eq!(noisy.dims(), clean.dims());
+/// assert_eq!(sbp.num_kept()?, 16); // a fresh layer keeps everything
+/// # Ok::<(), candle_sbp::Error>(())
+/// ```
+pub fn log_normal_dropout(
+    units: usize,
+    config: LogNormalDropoutConfig,
+    vb: VarBuilder,
+) -> Result<LogNormalDropout> {
+    let name = vb.prefix();
+    config.validate(&name)?;
+    if units == 0 {
+        return Err(Error::InvalidConfig {
+            layer: name,
+            reason: "a noise layer needs at least one unit".into(),
+        });
+    }
+    let mu = vb.get_with_hints(units, "mu", Init::Const(config.mu_init))?;
+    let log_sigma = vb.get_with_hints(units, "log_sigma", Init::Const(config.log_sigma_init))?;
+    LogNormalDropout::new(mu, log_sigma, config, name)
+}
+
+impl LogNormalDropout {
+    /// A layer over existing parameter tensors (1-D, equal length).
+    pub fn new(
+        mu: Tensor,
+        log_sigma: Tensor,
+        config: LogNormalDropoutConfig,
+        name: impl Into<String>,
+    ) -> Result<Self> {
+        let name = name.into();
+        config.validate(&name)?;
+        if mu.rank() != 1 || mu.dims() != log_sigma.dims() || mu.dim(0)? == 0 {
+            return Err(Error::InvalidConfig {
+                layer: name,
+                reason: format!(
+                    "mu and log_sigma must be non-empty 1-D tensors of equal length, got {:?} and {:?}",
+                    mu.dims(),
+                    log_sigma.dims()
+                ),
+            });
+        }
+        let rng = Arc::new(Mutex::new(StdRng::seed_from_u64(stream_seed(
+            config.seed,
+            &name,
+        ))));
+        Ok(Self {
+            mu,
+            log_sigma,
+            config,
+            name,
+            rng,
+        })
+    }
+
+    /// The `μ` parameter (unclamped), shape `(units,)`.
+    pub fn mu(&self) -> &Tensor {
+        &self.mu
+    }
+    /// The `log σ` parameter (unclamped), shape `(units,)`.
+    pub fn log_sigma(&self) -> &Tensor {
+        &self.log_sigma
+    }
+    /// The configuration.
+    pub fn config(&self) -> &LogNormalDropoutConfig {
+        &self.config
+    }
+    /// The layer's name (its VarBuilder path), used in errors.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Number of units (noise variables).
+    pub fn num_units(&self) -> usize {
+        self.mu.dims()[0]
+    }
+
+    /// Restarts the noise stream from `seed` (mixed with the layer's name).
+    pub fn reseed(&self, seed: u64) {
+        *self.lock_rng() = StdRng::seed_from_u64(stream_seed(seed, &self.name));
+    }
+
+    /// The per-unit noise distributions, with `μ` and `log σ` clamped as in the forward
+    /// pass. Fails if a parameter is NaN or infinite.
+    pub fn distributions(&self) -> Result<Vec<TruncatedLogNormal>> {
+        Ok(self.clamped_params()?.into_iter().map(|p| p.dist).collect())
+    }
+
+    /// Per-unit signal-to-noise ratio `E[θ]/sqrt(Var[θ])`.
+    pub fn snr(&self) -> Result<Vec<f64>> {
+        Ok(self.distributions()?.iter().map(|d| d.snr()).collect())
+    }
+
+    /// Per-unit `E[θ]`.
+    pub fn mean(&self) -> Result<Vec<f64>> {
+        Ok(self.distributions()?.iter().map(|d| d.mean()).collect())
+    }
+
+    /// Per-unit KL divergence from the prior (f64, no graph).
+    pub fn kl_per_unit(&self) -> Result<Vec<f64>> {
+        Ok(self.distributions()?.iter().map(|d| d.kl()).collect())
+    }
+
+    /// `true` for units whose SNR exceeds the threshold.
+    pub fn keep_mask(&self) -> Result<Vec<bool>> {
+        let threshold = self.config.snr_threshold;
+        Ok(self.snr()?.into_iter().map(|s| s > threshold).collect())
+    }
+
+    /// How many units the keep mask keeps.
+    pub fn num_kept(&self) -> Result<usize> {
+        Ok(self.keep_mask()?.into_iter().filter(|&k| k).count())
+    }
+
+    /// The layer's KL summed over units: a scalar tensor differentiable in `μ` and `log σ`.
+    /// The training objective is `cross-entropy + Σ_layers kl() / N_train`.
+    pub fn kl(&self) -> Result<Tensor> {
+        let params = self.clamped_params()?;
+        let units = params.len();
+        let mut total = 0.0;
+        let (mut g_mu, mut g_ls) = (Vec::with_capacity(units), Vec::with_capacity(units));
+        for p in &params {
+            total += p.dist.kl();
+            let g = p.dist.kl_grad();
+            g_mu.push(if p.mu_free { g.d_mu } else { 0.0 });
+            g_ls.push(if p.log_sigma_free { g.d_log_sigma } else { 0.0 });
+        }
+        let lin = self.linearised(1, &g_mu, &g_ls)?.sum_all()?;
+        let value = Tensor::new(total, self.mu.device())?.to_dtype(self.mu.dtype())?;
+        Ok(lin.add(&value)?)
+    }
+
+    /// Applies the layer. `train = true` samples `θ`; `train = false` multiplies kept units
+    /// by `E[θ]` and removed ones by 0.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_input(xs)?;
+        let theta = if train {
+            self.sampled_theta(xs)?
+        } else {
+            self.eval_multiplier()?
+        };
+        Ok(xs.broadcast_mul(&self.broadcastable(&theta.to_dtype(xs.dtype())?, xs)?)?)
+    }
+
+    /// The evaluation-time multiplier per unit: `E[θ]` where kept, 0 where removed.
+    pub fn eval_multiplier_values(&self) -> Result<Vec<f64>> {
+        let threshold = self.config.snr_threshold;
+        Ok(self
+            .distributions()?
+            .iter()
+            .map(|d| if d.snr() > threshold { d.mean() } else { 0.0 })
+            .collect())
+    }
+
+    fn eval_multiplier(&self) -> Result<Tensor> {
+        let values = self.eval_multiplier_values()?;
+        let n = values.len();
+        Ok(Tensor::from_vec(values, n, self.mu.device())?)
+    }
+
+    /// `θ` drawn for this step: shape `(units,)` or `(batch, units)`.
+    fn sampled_theta(&self, xs: &Tensor) -> Result<Tensor> {
+        let params = self.clamped_params()?;
+        let units = params.len();
+        let rows = match self.config.noise {
+            NoiseMode::SharedPerBatch => 1,
+            NoiseMode::PerExample => xs.dim(0)?,
+        };
+        let n = rows * units;
+        let (mut value, mut g_mu, mut g_ls) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        {
+            let mut rng = self.lock_rng();
+            for row in 0..rows {
+                for (j, p) in params.iter().enumerate() {
+                    let s = p.dist.sample_unchecked(open_unit(&mut rng));
+                    let k = row * units + j;
+                    value[k] = s.log_theta;
+                    g_mu[k] = if p.mu_free { s.d_mu } else { 0.0 };
+                    g_ls[k] = if p.log_sigma_free { s.d_log_sigma } else { 0.0 };
+                }
+            }
+        }
+        let shape: Vec<usize> = match self.config.noise {
+            NoiseMode::SharedPerBatch => vec![units],
+            NoiseMode::PerExample => vec![rows, units],
+        };
+        let device = self.mu.device();
+        let value = Tensor::from_vec(value, shape.as_slice(), device)?.to_dtype(self.mu.dtype())?;
+        let log_theta = self
+            .linearised(rows, &g_mu, &g_ls)?
+            .reshape(shape)?
+            .add(&value)?;
+        Ok(log_theta.exp()?)
+    }
+
+    /// `g_μ·(μ − detach μ) + g_σ·(log σ − detach log σ)`, shape `(rows, units)` flattened
+    /// from the row-major `g`s: exactly zero in value, exactly `g` in gradient.
+    fn linearised(&self, rows: usize, g_mu: &[f64], g_ls: &[f64]) -> Result<Tensor> {
+        let units = self.num_units();
+        let device = self.mu.device();
+        let dtype = self.mu.dtype();
+        let g_mu = Tensor::from_slice(g_mu, (rows, units), device)?.to_dtype(dtype)?;
+        let g_ls = Tensor::from_slice(g_ls, (rows, units), device)?.to_dtype(dtype)?;
+        let d_mu = self.mu.sub(&self.mu.detach())?.unsqueeze(0)?;
+        let d_ls = self.log_sigma.sub(&self.log_sigma.detach())?.unsqueeze(0)?;
+        Ok(g_mu
+            .broadcast_mul(&d_mu)?
+            .add(&g_ls.broadcast_mul(&d_ls)?)?
+            .flatten_all()?)
+    }
+
+    /// Reshapes a per-unit `(units,)` or per-example `(batch, units)` tensor so that it
+    /// broadcasts against `xs` along the unit axis.
+    fn broadcastable(&self, theta: &Tensor, xs: &Tensor) -> Result<Tensor> {
+        let mut shape = vec![1usize; xs.rank()];
+        shape[self.config.axis] = self.num_units();
+        if theta.rank() == 2 {
+            shape[0] = theta.dim(0)?;
+        }
+        Ok(theta.reshape(shape)?)
+    }
+
+    fn check_input(&self, xs: &Tensor) -> Result<()> {
+        let axis = self.config.axis;
+        let fail = |reason: String| {
+            Err(Error::InputShape {
+                layer: self.name.clone(),
+                shape: xs.dims().to_vec(),
+                reason,
+            })
+        };
+        if xs.rank() <= axis {
+            return fail(format!(
+                "the unit axis is {axis}, so the input needs rank at least {}",
+                axis + 1
+            ));
+        }
+        if xs.dim(axis)? != self.num_units() {
+            return fail(format!(
+                "expected {} units along axis {axis}, found {}",
+                self.num_units(),
+                xs.dim(axis)?
+            ));
+        }
+        if self.config.noise == NoiseMode::PerExample && xs.dim(0)? == 0 {
+            return fail("per-example noise needs a non-empty batch".into());
+        }
+        Ok(())
+    }
+
+    fn clamped_params(&self) -> Result<Vec<UnitParams>> {
+        let mu = to_f64_vec(&self.mu)?;
+        let log_sigma = to_f64_vec(&self.log_sigma)?;
+        let c = &self.config;
+        mu.iter()
+            .zip(&log_sigma)
+            .enumerate()
+            .map(|(index, (&m, &ls))| {
+                for (name, value) in [("mu", m), ("log_sigma", ls)] {
+                    if !value.is_finite() {
+                        return Err(Error::NonFinite {
+                            layer: self.name.clone(),
+                            name: name.into(),
+                            index,
+                            value,
+                        });
+                    }
+                }
+                let (mc, lc) = (
+                    m.clamp(c.mu_clamp.0, c.mu_clamp.1),
+                    ls.clamp(c.log_sigma_clamp.0, c.log_sigma_clamp.1),
+                );
+                Ok(UnitParams {
+                    dist: TruncatedLogNormal::new(mc, lc, c.a, c.b)?,
+                    mu_free: mc == m,
+                    log_sigma_free: lc == ls,
+                })
+            })
+            .collect()
+    }
+
+    fn lock_rng(&self) -> std::sync::MutexGuard<'_, StdRng> {
+        // A poisoned lock only means another thread panicked mid-draw; the generator state
+        // is still a valid state.
+        self.rng.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl candle::ModuleT for LogNormalDropout {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle::Result<Tensor> {
+        LogNormalDropout::forward_t(self, xs, train).map_err(Error::into_candle)
+    }
+}
+
+/// One unit's clamped distribution and whether each parameter is inside its clamp range
+/// (outside it, its gradient is zero).
+#[derive(Debug, Clone, Copy)]
+struct UnitParams {
+    dist: TruncatedLogNormal,
+    mu_free: bool,
+    log_sigma_free: bool,
+}
+
+fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1()?)
+}
+
+/// A uniform draw in the open interval (0, 1): `(k + 1/2) / 2⁵³`.
+fn open_unit(rng: &mut StdRng) -> f64 {
+    ((rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Mixes the user's seed with the layer name (FNV-1a, then SplitMix64), so that layers
+/// sharing one config draw independent, reproducible streams.
+fn stream_seed(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        h ^= byte as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = seed ^ h;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
