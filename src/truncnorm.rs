@@ -605,13 +605,19 @@ fn tail_draw(alpha: f64, beta: f64, u: f64, v: f64) -> TailDraw {
     let width = beta - alpha;
     let g = |d: f64| -alpha * d - 0.5 * d * d + log_mills(alpha + d) - w.ell_alpha - r;
     let mut delta = (-r / w.t0).min(width);
-    for _ in 0..200 {
+    // Converged once a step no longer shrinks (round-off in `g` then dominates) or falls
+    // below a few ulps; quadratic convergence gets there in a handful of steps.
+    let mut last_move = f64::INFINITY;
+    for _ in 0..100 {
         let step = g(delta) * mills(alpha + delta);
         let next = (delta + step).clamp(0.0, width);
         let moved = (next - delta).abs();
+        if moved.partial_cmp(&last_move) != Some(std::cmp::Ordering::Less) {
+            break; // no progress (or NaN): keep the better previous iterate
+        }
         delta = next;
-        // Also stops on NaN, which cannot arise from finite inputs but must not loop.
-        if moved.partial_cmp(&(4.0 * f64::EPSILON * delta)) != Some(std::cmp::Ordering::Greater) {
+        last_move = moved;
+        if moved <= 4.0 * f64::EPSILON * delta {
             break;
         }
     }
