@@ -39,6 +39,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// Surgery on a layer that cannot be done as asked (bad keep list, unsupported layout).
+    #[error("{layer}: cannot shrink: {reason}")]
+    Surgery {
+        /// The layer's name.
+        layer: String,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// A parameter that became NaN or infinite.
     #[error("{layer}: {name}[{index}] is not finite ({value})")]
     NonFinite {

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod layer;
 mod special;
+pub mod surgery;
 pub mod truncnorm;
 
 pub use error::{Error, Result};
