@@ -115,16 +115,12 @@ pub fn conv2d_depthwise_keep_channels(
         });
     }
     let idx = index_tensor(keep, out_ch, name, "channel", layer.weight())?;
-    let bias = layer.bias().map(|b| b.index_select(&idx, 0)).transpose()?;
+    let (weight, bias) = keep_output_rows(layer.weight(), layer.bias(), &idx)?;
     let config = Conv2dConfig {
         groups: keep.len(),
         ..*layer.config()
     };
-    Ok(Conv2d::new(
-        layer.weight().index_select(&idx, 0)?,
-        bias,
-        config,
-    ))
+    Ok(Conv2d::new(weight, bias, config))
 }
 
 /// Keeps features `keep` of a BatchNorm (running mean and variance, and the affine weight
@@ -157,6 +153,16 @@ pub fn batch_norm_keep_features(
         )?,
     };
     Ok(bn)
+}
+
+/// The weight's rows (dim 0, one per output unit) and the bias entries at `idx`.
+fn keep_output_rows(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    idx: &Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let bias = bias.map(|b| b.index_select(idx, 0)).transpose()?;
+    Ok((weight.index_select(idx, 0)?, bias))
 }
 
 fn require_groups(layer: &Conv2d, name: &str, what: &str) -> Result<()> {
