@@ -279,8 +279,11 @@ impl LogNormalDropout {
 
     /// `true` for units whose SNR exceeds the threshold.
     pub fn keep_mask(&self) -> Result<Vec<bool>> {
-        let threshold = self.config.snr_threshold;
-        Ok(self.snr()?.into_iter().map(|s| s > threshold).collect())
+        Ok(self
+            .distributions()?
+            .iter()
+            .map(|d| self.keeps(d))
+            .collect())
     }
 
     /// How many units the keep mask keeps.
@@ -298,8 +301,9 @@ impl LogNormalDropout {
         for p in &params {
             total += p.dist.kl();
             let g = p.dist.kl_grad();
-            g_mu.push(if p.mu_free { g.d_mu } else { 0.0 });
-            g_ls.push(if p.log_sigma_free { g.d_log_sigma } else { 0.0 });
+            let (d_mu, d_ls) = p.gate(g.d_mu, g.d_log_sigma);
+            g_mu.push(d_mu);
+            g_ls.push(d_ls);
         }
         let lin = self.linearised(1, &g_mu, &g_ls)?.sum_all()?;
         let value = Tensor::new(total, self.mu.device())?.to_dtype(self.mu.dtype())?;
@@ -320,11 +324,10 @@ impl LogNormalDropout {
 
     /// The evaluation-time multiplier per unit: `E[θ]` where kept, 0 where removed.
     pub fn eval_multiplier_values(&self) -> Result<Vec<f64>> {
-        let threshold = self.config.snr_threshold;
         Ok(self
             .distributions()?
             .iter()
-            .map(|d| if d.snr() > threshold { d.mean() } else { 0.0 })
+            .map(|d| if self.keeps(d) { d.mean() } else { 0.0 })
             .collect())
     }
 
@@ -351,8 +354,7 @@ impl LogNormalDropout {
                     let s = p.dist.sample_unchecked(open_unit(&mut rng));
                     let k = row * units + j;
                     value[k] = s.log_theta;
-                    g_mu[k] = if p.mu_free { s.d_mu } else { 0.0 };
-                    g_ls[k] = if p.log_sigma_free { s.d_log_sigma } else { 0.0 };
+                    (g_mu[k], g_ls[k]) = p.gate(s.d_mu, s.d_log_sigma);
                 }
             }
         }
@@ -455,6 +457,11 @@ impl LogNormalDropout {
             .collect()
     }
 
+    /// The one rule for what survives: SNR strictly above the threshold.
+    fn keeps(&self, d: &TruncatedLogNormal) -> bool {
+        d.snr() > self.config.snr_threshold
+    }
+
     fn lock_rng(&self) -> std::sync::MutexGuard<'_, StdRng> {
         // A poisoned lock only means another thread panicked mid-draw; the generator state
         // is still a valid state.
@@ -475,6 +482,20 @@ struct UnitParams {
     dist: TruncatedLogNormal,
     mu_free: bool,
     log_sigma_free: bool,
+}
+
+impl UnitParams {
+    /// Zeroes the derivative of a parameter held at its clamp bound.
+    fn gate(&self, d_mu: f64, d_log_sigma: f64) -> (f64, f64) {
+        (
+            if self.mu_free { d_mu } else { 0.0 },
+            if self.log_sigma_free {
+                d_log_sigma
+            } else {
+                0.0
+            },
+        )
+    }
 }
 
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
