@@ -60,6 +60,43 @@ pub enum Error {
         /// The value found.
         value: f64,
     },
+
+    /// A declared layer graph that cannot work: shapes that do not chain, a node that is
+    /// not supported where it stands, a bad reference between nodes.
+    #[error("{layer}: {reason}")]
+    Graph {
+        /// The node's name.
+        layer: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A keep mask that does not fit its layer, or that conflicts with another.
+    #[error("{layer}: bad mask: {reason}")]
+    Mask {
+        /// The node the mask was given for.
+        layer: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+
+    /// A file whose contents are not what they must be (truncated, tampered, wrong format).
+    #[error("{}: {reason}", path.display())]
+    Format {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, with the offset where it is known.
+        reason: String,
+    },
 }
 
 impl Error {

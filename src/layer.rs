@@ -29,7 +29,8 @@ use crate::truncnorm::{
 };
 
 /// How many noise draws a training step takes per unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NoiseMode {
     /// One `θ` per unit per step, shared by the whole batch (the paper's code).
     #[default]
@@ -39,7 +40,7 @@ pub enum NoiseMode {
 }
 
 /// Configuration of a [`LogNormalDropout`] layer. The defaults are the paper's.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LogNormalDropoutConfig {
     /// The axis that indexes units (1: channels of NCHW, features of `(N, F)`). Axis 0 is
     /// the batch and cannot carry units.
@@ -503,13 +504,13 @@ fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// A uniform draw in the open interval (0, 1): `(k + 1/2) / 2⁵³`.
-fn open_unit(rng: &mut StdRng) -> f64 {
+pub(crate) fn open_unit(rng: &mut StdRng) -> f64 {
     ((rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
 }
 
 /// Mixes the user's seed with the layer name (FNV-1a, then SplitMix64), so that layers
 /// sharing one config draw independent, reproducible streams.
-fn stream_seed(seed: u64, name: &str) -> u64 {
+pub(crate) fn stream_seed(seed: u64, name: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in name.bytes() {
         h ^= byte as u64;

@@ -1,12 +1,17 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod compress;
 pub mod error;
 pub mod layer;
+pub mod net;
+pub mod report;
 mod special;
 pub mod surgery;
 pub mod truncnorm;
 
+pub use compress::{compress, CompressConfig, Compressed, ResidualPolicy};
 pub use error::{Error, Result};
+pub use net::{Net, NetBuilder, NodeShape};
 pub use layer::{log_normal_dropout, LogNormalDropout, LogNormalDropoutConfig, NoiseMode};
 pub use truncnorm::TruncatedLogNormal;

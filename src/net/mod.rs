@@ -1,0 +1,560 @@
+//! [`Net`]: a declared layer graph that trains like any candle model and that
+//! [`compress`](crate::compress::compress) understands.
+//!
+//! candle keeps its op graph private, so the structure that pruning needs (which layer
+//! produces which units, and who consumes them) is declared: a [`NetSpec`] lists nodes in
+//! topological order, and [`NetBuilder`] builds one through a `VarBuilder`, checking at
+//! every step that shapes chain.
+//!
+//! ```
+//! use candle::{DType, Device, ModuleT, Tensor};
+//! use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
+//! use candle_sbp::net::{NetBuilder, NodeShape};
+//! use candle_sbp::LogNormalDropoutConfig;
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let mut b = NetBuilder::new(NodeShape::image(1, 12, 12), vb);
+//! let x = b.input();
+//! let x = b.conv2d("conv1", x, 8, 3, Conv2dConfig::default())?;
+//! let x = b.log_normal_dropout("sbp1", x, LogNormalDropoutConfig::default())?;
+//! let x = b.relu(x)?;
+//! let x = b.max_pool2d(x, 2, 2)?;
+//! let x = b.flatten(x)?;
+//! let x = b.linear("fc1", x, 10)?;
+//! let net = b.build(x)?;
+//! net.reset_parameters(42)?; // seeded initialisation
+//!
+//! let images = Tensor::zeros((4, 1, 12, 12), DType::F32, &Device::Cpu)?;
+//! let logits = net.forward_t(&images, true)?;
+//! assert_eq!(logits.dims(), &[4, 10]);
+//! # Ok::<(), candle_sbp::Error>(())
+//! ```
+
+mod builder;
+mod io;
+mod spec;
+
+use std::sync::{Arc, Mutex};
+
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::{BatchNorm, BatchNormConfig, Linear, ModuleT, VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+pub use builder::{NetBuilder, NodeId};
+pub use spec::{Activation, NetSpec, NodeShape, NodeSpec, Op};
+
+pub(crate) use spec::{graph, infer_shape, param_specs};
+
+use crate::error::{Error, Result};
+use crate::layer::{log_normal_dropout, open_unit, stream_seed, LogNormalDropout};
+
+/// A network declared as a graph of nodes (see the [module docs](self)). It is a
+/// [`candle::ModuleT`]: `train = true` samples noise and dropout and updates batch-norm
+/// statistics, `train = false` evaluates.
+///
+/// Every node may carry a keep mask on its output units; a masked unit is multiplied by 0
+/// in training and evaluation alike, and [`compress`](crate::compress::compress) removes
+/// it physically.
+#[derive(Debug, Clone)]
+pub struct Net {
+    spec: NetSpec,
+    shapes: Vec<NodeShape>,
+    nodes: Vec<NodeImpl>,
+    params: Vec<Vec<(&'static str, Tensor)>>,
+    masks: Vec<Option<NodeMask>>,
+    last_use: Vec<usize>,
+    dtype: DType,
+    device: Device,
+    varmap: Option<OwnedVars>,
+}
+
+/// The `VarMap` of a network this crate created; a newtype only for `Debug`.
+#[derive(Clone)]
+struct OwnedVars(VarMap);
+
+impl std::fmt::Debug for OwnedVars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VarMap({} vars)", self.0.all_vars().len())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NodeMask {
+    keep: Vec<bool>,
+    tensor: Tensor,
+}
+
+#[derive(Debug, Clone)]
+enum NodeImpl {
+    Plain,
+    Conv {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    Linear(Linear),
+    BatchNorm(BatchNorm),
+    Noise(LogNormalDropout),
+    Dropout(Arc<Mutex<StdRng>>),
+    Indices(Tensor),
+    Vector(Tensor),
+}
+
+impl Net {
+    /// Builds the network `spec` with parameters taken from (or created in) `vb`, under the
+    /// names `node.param` (`conv1.weight`, `bn1.running_mean`, `sbp1.mu`, …).
+    pub fn new(spec: NetSpec, vb: VarBuilder) -> Result<Self> {
+        let shapes = spec.shapes()?;
+        let n = spec.nodes.len();
+        let mut nodes = Vec::with_capacity(n);
+        let mut params = Vec::with_capacity(n);
+        for (i, node) in spec.nodes.iter().enumerate() {
+            let vbn = vb.pp(&node.name);
+            let input = node.inputs.first().map_or(shapes[i], |&j| shapes[j]);
+            let mut own: Vec<(&'static str, Tensor)> = Vec::new();
+            let specs = param_specs(&node.op, &input, &shapes[i]);
+            let imp = match &node.op {
+                Op::BatchNorm {
+                    eps,
+                    momentum,
+                    affine,
+                } => {
+                    let config = BatchNormConfig {
+                        eps: *eps,
+                        remove_mean: true,
+                        affine: *affine,
+                        momentum: *momentum,
+                    };
+                    let bn = candle_nn::batch_norm(shapes[i].units(), config, vbn)?;
+                    own.push(("running_mean", bn.running_mean().clone()));
+                    own.push(("running_var", bn.running_var().clone()));
+                    if let Some((w, b)) = bn.weight_and_bias() {
+                        own.push(("weight", w.clone()));
+                        own.push(("bias", b.clone()));
+                    }
+                    NodeImpl::BatchNorm(bn)
+                }
+                Op::LogNormalDropout { config } => {
+                    let layer = log_normal_dropout(shapes[i].units(), *config, vbn)?;
+                    own.push(("mu", layer.mu().clone()));
+                    own.push(("log_sigma", layer.log_sigma().clone()));
+                    NodeImpl::Noise(layer)
+                }
+                op => {
+                    for p in &specs {
+                        own.push((p.name, vbn.get_with_hints(p.shape.as_slice(), p.name, p.init)?));
+                    }
+                    let get = |name: &str| own.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
+                    match op {
+                        Op::Conv2d { .. } => NodeImpl::Conv {
+                            weight: get("weight").expect("conv weight declared"),
+                            bias: get("bias"),
+                        },
+                        Op::Linear { .. } => NodeImpl::Linear(Linear::new(
+                            get("weight").expect("linear weight declared"),
+                            get("bias"),
+                        )),
+                        Op::Dropout { .. } => NodeImpl::Dropout(Arc::new(Mutex::new(
+                            StdRng::seed_from_u64(stream_seed(0, &node.name)),
+                        ))),
+                        Op::Select { indices } | Op::Scatter { indices, .. } => {
+                            NodeImpl::Indices(index_tensor(indices, vb.device())?)
+                        }
+                        Op::Scale => NodeImpl::Vector(get("scale").expect("scale declared")),
+                        Op::Shift { .. } => NodeImpl::Vector(get("shift").expect("shift declared")),
+                        _ => NodeImpl::Plain,
+                    }
+                }
+            };
+            nodes.push(imp);
+            params.push(own);
+        }
+        let mut last_use = vec![0; n];
+        for (i, node) in spec.nodes.iter().enumerate() {
+            for &j in &node.inputs {
+                last_use[j] = last_use[j].max(i);
+            }
+        }
+        last_use[n - 1] = usize::MAX;
+        Ok(Self {
+            spec,
+            shapes,
+            nodes,
+            params,
+            masks: vec![None; n],
+            last_use,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            varmap: None,
+        })
+    }
+
+    /// The architecture.
+    pub fn spec(&self) -> &NetSpec {
+        &self.spec
+    }
+    /// Each node's output shape (one example).
+    pub fn shapes(&self) -> &[NodeShape] {
+        &self.shapes
+    }
+    /// The shape of one input example.
+    pub fn input_shape(&self) -> NodeShape {
+        self.shapes[0]
+    }
+    /// The shape of one output example.
+    pub fn output_shape(&self) -> NodeShape {
+        *self.shapes.last().expect("a net has nodes")
+    }
+    /// The parameters' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The parameters' device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// The `VarMap` holding the parameters of a network this crate created (by
+    /// [`Net::load`] or [`compress`](crate::compress::compress)); `None` for a network built
+    /// on the caller's own `VarBuilder`.
+    pub fn varmap(&self) -> Option<&VarMap> {
+        self.varmap.as_ref().map(|v| &v.0)
+    }
+    pub(crate) fn set_varmap(&mut self, varmap: VarMap) {
+        self.varmap = Some(OwnedVars(varmap));
+    }
+
+    /// The index of the node called `name`.
+    pub fn node_index(&self, name: &str) -> Result<usize> {
+        self.spec
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .ok_or_else(|| graph(name, "there is no node of that name in this network"))
+    }
+
+    /// The parameter `param` (`"weight"`, `"running_mean"`, …) of node `node`.
+    pub fn param(&self, node: usize, param: &str) -> Option<&Tensor> {
+        self.params
+            .get(node)?
+            .iter()
+            .find(|(n, _)| *n == param)
+            .map(|(_, t)| t)
+    }
+
+    /// The names of node `node`'s parameters.
+    pub fn param_names(&self, node: usize) -> Vec<&'static str> {
+        self.params
+            .get(node)
+            .map(|own| own.iter().map(|(n, _)| *n).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every parameter with its full name (`node.param`), in node order.
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        self.spec
+            .nodes
+            .iter()
+            .zip(&self.params)
+            .flat_map(|(node, own)| {
+                own.iter()
+                    .map(move |(p, t)| (format!("{}.{p}", node.name), t.clone()))
+            })
+            .collect()
+    }
+
+    /// The noise layers, with their node indices.
+    pub fn noise_layers(&self) -> Vec<(usize, &LogNormalDropout)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match n {
+                NodeImpl::Noise(l) => Some((i, l)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The sum of every noise layer's KL divergence: a scalar tensor, differentiable in the
+    /// noise parameters (zero when there are no noise layers). The SBP objective is
+    /// `cross-entropy + kl() / N_train`.
+    pub fn kl(&self) -> Result<Tensor> {
+        let mut total = Tensor::zeros((), self.dtype, &self.device)?;
+        for (_, layer) in self.noise_layers() {
+            total = total.add(&layer.kl()?.to_dtype(self.dtype)?)?;
+        }
+        Ok(total)
+    }
+
+    /// Restarts every random stream (noise layers and dropout) from `seed`, each mixed with
+    /// its node's name.
+    pub fn reseed(&self, seed: u64) {
+        for (node, imp) in self.spec.nodes.iter().zip(&self.nodes) {
+            match imp {
+                NodeImpl::Noise(l) => l.reseed(seed),
+                NodeImpl::Dropout(rng) => {
+                    *rng.lock().unwrap_or_else(|e| e.into_inner()) =
+                        StdRng::seed_from_u64(stream_seed(seed, &node.name))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Re-initialises every parameter from a generator seeded with `seed`: Kaiming-normal
+    /// weights and uniform `±1/sqrt(fan_in)` biases for Conv2d and Linear (candle-nn's
+    /// defaults, made reproducible), identity batch norms, and noise layers at their
+    /// configured `mu_init` and `log_sigma_init`. Needs parameters that are variables
+    /// (built from a `VarMap`).
+    pub fn reset_parameters(&self, seed: u64) -> Result<()> {
+        for (i, node) in self.spec.nodes.iter().enumerate() {
+            let input = node.inputs.first().map_or(self.shapes[i], |&j| self.shapes[j]);
+            for p in param_specs(&node.op, &input, &self.shapes[i]) {
+                let full = format!("{}.{}", node.name, p.name);
+                let tensor = self.param(i, p.name).expect("declared parameter exists");
+                if !tensor.is_variable() {
+                    return Err(graph(
+                        &node.name,
+                        format!("{full} is not a variable; build the network from a VarMap to re-initialise it"),
+                    ));
+                }
+                let numel: usize = p.shape.iter().product();
+                let fan_in: usize = p.shape.iter().skip(1).product::<usize>().max(1);
+                let mut rng = StdRng::seed_from_u64(stream_seed(seed, &full));
+                let values: Vec<f64> = match p.init {
+                    candle_nn::Init::Const(c) => vec![c; numel],
+                    candle_nn::Init::Uniform { lo, up } => (0..numel)
+                        .map(|_| lo + (up - lo) * open_unit(&mut rng))
+                        .collect(),
+                    _ => {
+                        // Kaiming normal, fan-in, ReLU gain.
+                        let std = (2.0 / fan_in as f64).sqrt();
+                        let normal = Normal::new(0.0, std).expect("finite std");
+                        (0..numel).map(|_| normal.sample(&mut rng)).collect()
+                    }
+                };
+                let fresh = Tensor::from_vec(values, p.shape.as_slice(), &self.device)?
+                    .to_dtype(tensor.dtype())?;
+                Var::from_tensor(tensor)?.set(&fresh)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the keep mask of node `node`'s output units (`true` keeps). The mask acts in
+    /// training and evaluation, and [`compress`](crate::compress::compress) removes the
+    /// masked units.
+    pub fn set_mask(&mut self, node: &str, keep: &[bool]) -> Result<()> {
+        let i = self.node_index(node)?;
+        let units = self.shapes[i].units();
+        if keep.len() != units {
+            return Err(Error::Mask {
+                layer: node.into(),
+                reason: format!("{} entries for {units} units", keep.len()),
+            });
+        }
+        if i + 1 == self.nodes.len() {
+            return Err(Error::Mask {
+                layer: node.into(),
+                reason: "the output node cannot be masked (its units are the network's outputs)"
+                    .into(),
+            });
+        }
+        let values: Vec<f32> = keep.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+        let tensor = Tensor::from_vec(values, self.shapes[i].unit_broadcast_dims(), &self.device)?
+            .to_dtype(self.dtype)?;
+        self.masks[i] = Some(NodeMask {
+            keep: keep.to_vec(),
+            tensor,
+        });
+        Ok(())
+    }
+
+    /// Removes node `node`'s mask.
+    pub fn clear_mask(&mut self, node: &str) -> Result<()> {
+        let i = self.node_index(node)?;
+        self.masks[i] = None;
+        Ok(())
+    }
+
+    /// Removes every mask.
+    pub fn clear_masks(&mut self) {
+        self.masks.iter_mut().for_each(|m| *m = None);
+    }
+
+    /// Node `node`'s keep mask, if it has one.
+    pub fn mask(&self, node: usize) -> Option<&[bool]> {
+        self.masks.get(node)?.as_ref().map(|m| m.keep.as_slice())
+    }
+
+    /// Every mask, by node name.
+    pub fn masks(&self) -> std::collections::BTreeMap<String, Vec<bool>> {
+        self.spec
+            .nodes
+            .iter()
+            .zip(&self.masks)
+            .filter_map(|(n, m)| m.as_ref().map(|m| (n.name.clone(), m.keep.clone())))
+            .collect()
+    }
+
+    /// Runs the network and returns its output (typed errors; see also the
+    /// [`candle::ModuleT`] implementation).
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with(xs, train, &[])?.0)
+    }
+
+    /// Runs the network and also returns the outputs of the nodes `taps` (in that order),
+    /// after their masks: what activation-based pruning criteria look at.
+    pub fn forward_with(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        taps: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let n = self.nodes.len();
+        if let Some(&bad) = taps.iter().find(|&&t| t >= n) {
+            return Err(graph("<net>", format!("no node {bad} to tap ({n} nodes)")));
+        }
+        let want = self.shapes[0].dims(xs.dims().first().copied().unwrap_or(0));
+        if xs.dims() != want.as_slice() || want[0] == 0 {
+            return Err(Error::InputShape {
+                layer: self.spec.nodes[0].name.clone(),
+                shape: xs.dims().to_vec(),
+                reason: format!("expected (batch ≥ 1, {:?})", &want[1..]),
+            });
+        }
+        let mut values: Vec<Option<Tensor>> = vec![None; n];
+        let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
+        for i in 0..n {
+            let out = {
+                let ins: Vec<&Tensor> = self.spec.nodes[i]
+                    .inputs
+                    .iter()
+                    .map(|&j| values[j].as_ref().expect("inputs are computed and kept until last use"))
+                    .collect();
+                let out = if i == 0 {
+                    xs.to_dtype(self.dtype)?
+                } else {
+                    self.apply(i, &ins, train)?
+                };
+                match &self.masks[i] {
+                    Some(m) => out.broadcast_mul(&m.tensor)?,
+                    None => out,
+                }
+            };
+            for (k, _) in taps.iter().enumerate().filter(|(_, &t)| t == i) {
+                tapped[k] = Some(out.clone());
+            }
+            for &j in &self.spec.nodes[i].inputs {
+                if self.last_use[j] == i {
+                    values[j] = None;
+                }
+            }
+            values[i] = Some(out);
+        }
+        let output = values[n - 1].take().expect("the output node was computed");
+        Ok((output, tapped.into_iter().map(|t| t.expect("every tap was computed")).collect()))
+    }
+
+    fn apply(&self, i: usize, ins: &[&Tensor], train: bool) -> Result<Tensor> {
+        let x = ins[0];
+        let node = &self.spec.nodes[i];
+        let out = match (&node.op, &self.nodes[i]) {
+            (
+                &Op::Conv2d {
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    ..
+                },
+                NodeImpl::Conv { weight, bias },
+            ) => {
+                let y = x.conv2d(weight, padding, stride, dilation, groups)?;
+                match bias {
+                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+                    None => y,
+                }
+            }
+            (Op::Linear { .. }, NodeImpl::Linear(l)) => candle::Module::forward(l, x)?,
+            (Op::BatchNorm { .. }, NodeImpl::BatchNorm(bn)) => bn.forward_t(x, train)?,
+            (Op::Activation { f }, _) => match *f {
+                Activation::Relu => x.relu()?,
+                Activation::LeakyRelu { slope } => (x.relu()? - (x.neg()?.relu()? * slope)?)?,
+                Activation::Gelu => x.gelu_erf()?,
+                Activation::Tanh => x.tanh()?,
+                Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
+                Activation::Silu => x.silu()?,
+            },
+            (&Op::MaxPool2d { kernel, stride }, _) => {
+                x.max_pool2d_with_stride((kernel, kernel), (stride, stride))?
+            }
+            (&Op::AvgPool2d { kernel, stride }, _) => {
+                x.avg_pool2d_with_stride((kernel, kernel), (stride, stride))?
+            }
+            (Op::Flatten, _) => x.flatten_from(1)?,
+            (&Op::Dropout { p }, NodeImpl::Dropout(rng)) => {
+                if train && p > 0.0 {
+                    let keep_scale = 1.0 / (1.0 - p);
+                    let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
+                    let mask: Vec<f32> = (0..x.elem_count())
+                        .map(|_| {
+                            if open_unit(&mut rng) >= p {
+                                keep_scale as f32
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+                    (x * mask)?
+                } else {
+                    x.clone()
+                }
+            }
+            (Op::LogNormalDropout { .. }, NodeImpl::Noise(layer)) => layer.forward_t(x, train)?,
+            (Op::Add, _) => {
+                let mut sum = x.clone();
+                for y in &ins[1..] {
+                    sum = (sum + *y)?;
+                }
+                sum
+            }
+            (Op::Concat, _) => Tensor::cat(ins, 1)?,
+            (Op::Select { .. }, NodeImpl::Indices(idx)) => x.index_select(idx, 1)?,
+            (Op::Scatter { .. }, NodeImpl::Indices(idx)) => {
+                let zeros = Tensor::zeros(self.shapes[i].dims(x.dim(0)?), x.dtype(), x.device())?;
+                zeros.index_add(idx, x, 1)?
+            }
+            (Op::Scale, NodeImpl::Vector(s)) => {
+                x.broadcast_mul(&s.reshape(self.shapes[i].unit_broadcast_dims())?)?
+            }
+            (&Op::Shift { per_position }, NodeImpl::Vector(s)) => {
+                if per_position {
+                    x.broadcast_add(&s.unsqueeze(0)?)?
+                } else {
+                    x.broadcast_add(&s.reshape(self.shapes[i].unit_broadcast_dims())?)?
+                }
+            }
+            (op, _) => {
+                return Err(graph(
+                    &node.name,
+                    format!("internal: no implementation for a {} node", op.kind()),
+                ))
+            }
+        };
+        Ok(out)
+    }
+}
+
+impl candle::ModuleT for Net {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle::Result<Tensor> {
+        Net::forward_t(self, xs, train).map_err(Error::into_candle)
+    }
+}
+
+pub(crate) fn index_tensor(indices: &[usize], device: &Device) -> Result<Tensor> {
+    let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+    Ok(Tensor::from_vec(idx, indices.len(), device)?)
+}

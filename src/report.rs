@@ -1,0 +1,247 @@
+//! Size and cost of a network: units, parameters and multiply-accumulates (MACs) per
+//! layer, and the before/after report of [`compress`](crate::compress::compress).
+//!
+//! MACs count the multiply-accumulates of Conv2d and Linear layers for one example of the
+//! network's declared input shape (`C_out·H_out·W_out·C_in/groups·k²` and `in·out`); the
+//! element-wise work of batch norms, activations and pooling is not counted, as in the SBP
+//! paper's FLOPs. Parameters are those of the model at inference: Conv2d, Linear, affine
+//! batch-norm, scale and shift parameters; batch-norm running statistics and the noise
+//! layers' `μ` and `log σ` are not counted.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::net::{Net, NodeShape, Op};
+
+/// Size and cost of one layer (the input, a Conv2d or a Linear).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// The node's name.
+    pub name: String,
+    /// `input`, `conv2d` or `linear`.
+    pub kind: String,
+    /// Units the layer reads (channels or features).
+    pub inputs: usize,
+    /// Units the layer produces.
+    pub units: usize,
+    /// Parameters (weight and bias).
+    pub params: usize,
+    /// Multiply-accumulates per example.
+    pub macs: u64,
+}
+
+/// Per-layer size and cost of `net`: the input, then each Conv2d and Linear, in order.
+pub fn layer_stats(net: &Net) -> Vec<LayerStats> {
+    let shapes = net.shapes();
+    net.spec()
+        .nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, node)| {
+            let out = shapes[i];
+            let input = node.inputs.first().map_or(out, |&j| shapes[j]);
+            let params = || {
+                net.param_names(i)
+                    .iter()
+                    .filter_map(|p| net.param(i, p))
+                    .map(|t| t.elem_count())
+                    .sum()
+            };
+            let (kind, macs) = match &node.op {
+                Op::Input { .. } => ("input", 0),
+                &Op::Conv2d { kernel, groups, .. } => (
+                    "conv2d",
+                    (out.numel() * input.units() / groups * kernel * kernel) as u64,
+                ),
+                Op::Linear { .. } => ("linear", (input.units() * out.units()) as u64),
+                _ => return None,
+            };
+            Some(LayerStats {
+                name: node.name.clone(),
+                kind: kind.into(),
+                inputs: if kind == "input" { out.units() } else { input.units() },
+                units: out.units(),
+                params: if kind == "input" { 0 } else { params() },
+                macs,
+            })
+        })
+        .collect()
+}
+
+/// Parameters of `net` at inference (see the [module docs](self)).
+pub fn inference_params(net: &Net) -> usize {
+    net.spec()
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| match node.op {
+            Op::Conv2d { .. } | Op::Linear { .. } | Op::Scale | Op::Shift { .. } => net
+                .param_names(i)
+                .iter()
+                .filter_map(|p| net.param(i, p))
+                .map(|t| t.elem_count())
+                .sum(),
+            Op::BatchNorm { affine: true, .. } => 2 * net.shapes()[i].units(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Multiply-accumulates of `net` per example (see the [module docs](self)).
+pub fn total_macs(net: &Net) -> u64 {
+    layer_stats(net).iter().map(|l| l.macs).sum()
+}
+
+/// One layer before and after compression.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerReport {
+    /// The layer's name (the same in both networks).
+    pub name: String,
+    /// `input`, `conv2d` or `linear`.
+    pub kind: String,
+    /// Units read before.
+    pub inputs_before: usize,
+    /// Units read after.
+    pub inputs_after: usize,
+    /// Units produced before (for the input: its features or channels).
+    pub units_before: usize,
+    /// Units produced after (for the input: those any layer still reads).
+    pub units_after: usize,
+    /// Parameters before.
+    pub params_before: usize,
+    /// Parameters after.
+    pub params_after: usize,
+    /// MACs per example before.
+    pub macs_before: u64,
+    /// MACs per example after.
+    pub macs_after: u64,
+}
+
+/// What [`compress`](crate::compress::compress) did: per layer and in total.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressionReport {
+    /// One example's input shape (what the MACs are counted for).
+    pub input_shape: NodeShape,
+    /// The input, each Conv2d and each Linear.
+    pub layers: Vec<LayerReport>,
+    /// Inference parameters before.
+    pub params_before: usize,
+    /// Inference parameters after.
+    pub params_after: usize,
+    /// MACs per example before.
+    pub macs_before: u64,
+    /// MACs per example after.
+    pub macs_after: u64,
+    /// Decisions worth knowing about (a layer kept from emptying, a multiplier that stayed
+    /// a scale node, …).
+    pub notes: Vec<String>,
+}
+
+impl CompressionReport {
+    pub(crate) fn new(
+        before: &Net,
+        after: &Net,
+        kept: &[Vec<usize>],
+        notes: Vec<String>,
+    ) -> Result<Self> {
+        let after_stats = layer_stats(after);
+        let layers = layer_stats(before)
+            .into_iter()
+            .map(|b| {
+                let i = before.node_index(&b.name).expect("stats name a node");
+                let a = after_stats.iter().find(|a| a.name == b.name);
+                let units_after = kept[i].len();
+                LayerReport {
+                    inputs_after: if b.kind == "input" {
+                        units_after
+                    } else {
+                        a.map_or(0, |a| a.inputs)
+                    },
+                    units_after,
+                    params_after: a.map_or(0, |a| a.params),
+                    macs_after: a.map_or(0, |a| a.macs),
+                    name: b.name,
+                    kind: b.kind,
+                    inputs_before: b.inputs,
+                    units_before: b.units,
+                    params_before: b.params,
+                    macs_before: b.macs,
+                }
+            })
+            .collect();
+        Ok(Self {
+            input_shape: before.input_shape(),
+            layers,
+            params_before: inference_params(before),
+            params_after: inference_params(after),
+            macs_before: total_macs(before),
+            macs_after: total_macs(after),
+            notes,
+        })
+    }
+
+    /// `macs_before / macs_after` (how many times fewer MACs).
+    pub fn macs_ratio(&self) -> f64 {
+        self.macs_before as f64 / self.macs_after.max(1) as f64
+    }
+
+    /// `params_before / params_after`.
+    pub fn params_ratio(&self) -> f64 {
+        self.params_before as f64 / self.params_after.max(1) as f64
+    }
+
+    /// The layer report of `name`, if there is one.
+    pub fn layer(&self, name: &str) -> Option<&LayerReport> {
+        self.layers.iter().find(|l| l.name == name)
+    }
+
+    /// Pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report serialises")
+    }
+}
+
+impl fmt::Display for CompressionReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name_w = self
+            .layers
+            .iter()
+            .map(|l| l.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        writeln!(
+            f,
+            "{:<name_w$}  {:<7}  {:>15}  {:>15}  {:>21}  {:>23}",
+            "layer", "kind", "inputs", "units", "params", "MACs"
+        )?;
+        for l in &self.layers {
+            writeln!(
+                f,
+                "{:<name_w$}  {:<7}  {:>15}  {:>15}  {:>21}  {:>23}",
+                l.name,
+                l.kind,
+                format!("{} → {}", l.inputs_before, l.inputs_after),
+                format!("{} → {}", l.units_before, l.units_after),
+                format!("{} → {}", l.params_before, l.params_after),
+                format!("{} → {}", l.macs_before, l.macs_after),
+            )?;
+        }
+        writeln!(
+            f,
+            "total: params {} → {} ({:.2}× fewer), MACs {} → {} ({:.2}× fewer)",
+            self.params_before,
+            self.params_after,
+            self.params_ratio(),
+            self.macs_before,
+            self.macs_after,
+            self.macs_ratio()
+        )?;
+        for note in &self.notes {
+            writeln!(f, "note: {note}")?;
+        }
+        Ok(())
+    }
+}
