@@ -124,7 +124,7 @@ pub fn compress(net: &Net, config: &CompressConfig) -> Result<Compressed> {
     let multipliers = noise_multipliers(net, config, &mut notes)?;
     let (states, derived) = forward_states(net, &multipliers, config)?;
     let kept = kept_units(net, &states);
-    check_not_empty(net, &kept, config)?;
+    check_not_empty(net, &states, &kept, config)?;
     let mut emitter = Emitter::new(net.device().clone(), net.dtype());
     let output = emit(net, &states, &kept, &multipliers, &mut emitter, &mut notes)?;
     let output = emitter.fold_scales(output, &mut notes)?;
@@ -227,7 +227,7 @@ fn forward_states(
                     if padding > 0 && group.iter().any(|s| s.value() != 0.0) {
                         return Err(graph(
                             &node.name,
-                            format!("output channel {j} reads only constant (removed) channels, and zero padding makes their effect vary over positions: nothing live is left to carry it"),
+                            format!("output channel {j} reads only removed channels whose value is a nonzero constant (a batch norm or activation after the noise), and zero padding makes their effect vary over positions with no live channel left to carry it; put the noise layer after the activation, where a removed unit is 0"),
                         ));
                     }
                     let w = match &w {
@@ -278,7 +278,9 @@ fn forward_states(
                     .collect()
             }
             Op::LogNormalDropout { .. } => {
-                let m = multipliers[i].as_ref().expect("noise layers have multipliers");
+                let m = multipliers[i]
+                    .as_ref()
+                    .expect("noise layers have multipliers");
                 ins[0]
                     .iter()
                     .zip(m)
@@ -324,10 +326,7 @@ fn forward_states(
             &Op::Shift { per_position } => {
                 let s = vec_f64(net.param(i, "shift").expect("shift"))?;
                 if per_position {
-                    ins[0]
-                        .iter()
-                        .map(|_| Slot::Live)
-                        .collect::<Vec<_>>()
+                    ins[0].iter().map(|_| Slot::Live).collect::<Vec<_>>()
                 } else {
                     map_consts(ins[0], |j, v| v + s[j])
                 }
@@ -448,19 +447,18 @@ fn kept_units(net: &Net, states: &States) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Without `allow_empty`, a layer on the path to the output may not lose every unit.
-fn check_not_empty(net: &Net, kept: &[Vec<usize>], config: &CompressConfig) -> Result<()> {
+/// Without `allow_empty`, no node on the path to the output may turn every live unit it
+/// receives into a constant; the error names the first node that does.
+fn check_not_empty(
+    net: &Net,
+    states: &States,
+    kept: &[Vec<usize>],
+    config: &CompressConfig,
+) -> Result<()> {
+    // The node to blame is the first one on the way to the output that receives live units
+    // and passes on none.
     let spec = net.spec();
     let n = spec.nodes.len();
-    if kept[n - 1].is_empty() {
-        return Err(graph(
-            &spec.nodes[n - 1].name,
-            "every output of the network is constant after pruning: nothing is left to compute",
-        ));
-    }
-    if config.allow_empty {
-        return Ok(());
-    }
     let mut reaches = vec![false; n];
     reaches[n - 1] = true;
     for i in (0..n).rev() {
@@ -470,14 +468,37 @@ fn check_not_empty(net: &Net, kept: &[Vec<usize>], config: &CompressConfig) -> R
             }
         }
     }
-    for (i, node) in spec.nodes.iter().enumerate() {
-        let producer = matches!(node.op, Op::Input { .. } | Op::Conv2d { .. } | Op::Linear { .. });
-        if producer && reaches[i] && kept[i].is_empty() {
-            return Err(graph(
-                &node.name,
-                "pruning removes every unit of this layer (set CompressConfig::allow_empty to allow it, or keep a unit in its masks)",
-            ));
+    if !config.allow_empty {
+        for (i, node) in spec.nodes.iter().enumerate() {
+            let fed_live = node.inputs.is_empty()
+                || node
+                    .inputs
+                    .iter()
+                    .any(|&j| states[j].iter().any(|s| s.is_live()));
+            let all_const = states[i].iter().all(|s| !s.is_live());
+            if reaches[i] && all_const && fed_live {
+                let reason = match node.op {
+                    Op::Add => "the residual intersection keeps no unit (the branches keep disjoint units); use ResidualPolicy::Union or CompressConfig::allow_empty",
+                    _ => "pruning removes every unit of this node (set CompressConfig::allow_empty to allow it, or keep a unit in its masks)",
+                };
+                return Err(graph(&node.name, reason));
+            }
         }
+        for (i, node) in spec.nodes.iter().enumerate() {
+            let layer = matches!(node.op, Op::Conv2d { .. } | Op::Linear { .. });
+            if layer && reaches[i] && kept[i].is_empty() {
+                return Err(graph(
+                    &node.name,
+                    "pruning removes every unit of this layer: nothing downstream reads any of them (set CompressConfig::allow_empty to drop the layer)",
+                ));
+            }
+        }
+    }
+    if kept[n - 1].is_empty() {
+        return Err(graph(
+            &spec.nodes[n - 1].name,
+            "every output of the network is constant after pruning: nothing is left to compute",
+        ));
     }
     Ok(())
 }
@@ -601,7 +622,13 @@ impl Emitter {
         Ok(self.vector(m)?.reshape(dims)?)
     }
 
-    fn scale_param(&mut self, node: usize, name: &'static str, m: &[f64], axis: usize) -> Result<()> {
+    fn scale_param(
+        &mut self,
+        node: usize,
+        name: &'static str,
+        m: &[f64],
+        axis: usize,
+    ) -> Result<()> {
         if let Some(t) = self.nodes[node].param(name).cloned() {
             let scaled = t.broadcast_mul(&self.along(m, axis, t.rank())?)?;
             self.nodes[node].set_param(name, scaled);
@@ -764,18 +791,17 @@ fn positions(name: &str, have: &[usize], wanted: &[usize]) -> Result<Vec<usize>>
     wanted
         .iter()
         .map(|w| {
-            have.binary_search(w).map_err(|_| {
-                Error::Surgery {
-                    layer: name.into(),
-                    reason: format!("internal: unit {w} is needed but was not kept"),
-                }
+            have.binary_search(w).map_err(|_| Error::Surgery {
+                layer: name.into(),
+                reason: format!("internal: unit {w} is needed but was not kept"),
             })
         })
         .collect()
 }
 
 fn pick(t: &Tensor, idx: &[usize], dim: usize) -> Result<Tensor> {
-    Ok(t.index_select(&index_tensor(idx, t.device())?, dim)?.contiguous()?)
+    Ok(t.index_select(&index_tensor(idx, t.device())?, dim)?
+        .contiguous()?)
 }
 
 struct Emission<'a> {
@@ -797,7 +823,12 @@ impl Emission<'_> {
             return Ok(src);
         }
         let indices = positions(name, &self.kept[e], wanted)?;
-        em.push(&format!("{name}_select"), Op::Select { indices }, vec![src], Vec::new())
+        em.push(
+            &format!("{name}_select"),
+            Op::Select { indices },
+            vec![src],
+            Vec::new(),
+        )
     }
 
     fn param(&self, i: usize, name: &str) -> Option<Tensor> {
@@ -848,7 +879,14 @@ fn emit(
                 if rows.len() == shapes[0].units() {
                     id
                 } else {
-                    em.push("input_select", Op::Select { indices: rows.clone() }, vec![id], Vec::new())?
+                    em.push(
+                        "input_select",
+                        Op::Select {
+                            indices: rows.clone(),
+                        },
+                        vec![id],
+                        Vec::new(),
+                    )?
                 }
             }
             &Op::Conv2d {
@@ -913,7 +951,8 @@ fn emit(
                             .conv2d(&w_rows.to_dtype(DType::F64)?, padding, stride, dilation, 1)?
                             .squeeze(0)?;
                         if padding == 0 {
-                            let per_channel = map.flatten_from(1)?.mean(1)?.to_dtype(net.dtype())?;
+                            let per_channel =
+                                map.flatten_from(1)?.mean(1)?.to_dtype(net.dtype())?;
                             b = Some(match b {
                                 Some(b) => (b + per_channel)?,
                                 None => per_channel,
@@ -991,7 +1030,10 @@ fn emit(
                     .collect::<Result<Vec<_>>>()?;
                 em.push(name, node.op.clone(), vec![src], params)?
             }
-            Op::Activation { .. } | Op::MaxPool2d { .. } | Op::AvgPool2d { .. } | Op::Dropout { .. } => {
+            Op::Activation { .. }
+            | Op::MaxPool2d { .. }
+            | Op::AvgPool2d { .. }
+            | Op::Dropout { .. } => {
                 let src = x.adapt(em, e.expect("input"), rows)?;
                 em.push(name, node.op.clone(), vec![src], Vec::new())?
             }
@@ -1011,7 +1053,12 @@ fn emit(
                         flat
                     } else {
                         let indices = positions(name, &full, rows)?;
-                        em.push(&format!("{name}_select"), Op::Select { indices }, vec![flat], Vec::new())?
+                        em.push(
+                            &format!("{name}_select"),
+                            Op::Select { indices },
+                            vec![flat],
+                            Vec::new(),
+                        )?
                     }
                 }
             }
@@ -1019,13 +1066,21 @@ fn emit(
                 let src = x.adapt(em, e.expect("noise input"), rows)?;
                 let m = multipliers[i].as_ref().expect("multipliers");
                 let values: Vec<f64> = rows.iter().map(|&j| m[j]).collect();
-                em.push(name, Op::Scale, vec![src], vec![("scale", em.vector(&values)?)])?
+                em.push(
+                    name,
+                    Op::Scale,
+                    vec![src],
+                    vec![("scale", em.vector(&values)?)],
+                )?
             }
             Op::Add => {
                 let mut branches = Vec::new();
                 for &b in &node.inputs {
-                    let live: Vec<usize> =
-                        rows.iter().copied().filter(|&j| states[b][j].is_live()).collect();
+                    let live: Vec<usize> = rows
+                        .iter()
+                        .copied()
+                        .filter(|&j| states[b][j].is_live())
+                        .collect();
                     if live.is_empty() {
                         continue;
                     }
@@ -1034,7 +1089,10 @@ fn emit(
                         let indices = positions(name, rows, &live)?;
                         id = em.push(
                             &format!("{name}_scatter"),
-                            Op::Scatter { indices, size: rows.len() },
+                            Op::Scatter {
+                                indices,
+                                size: rows.len(),
+                            },
                             vec![id],
                             Vec::new(),
                         )?;
@@ -1053,7 +1111,9 @@ fn emit(
                 if consts.iter().any(|&c| c != 0.0) {
                     id = em.push(
                         &format!("{name}_shift"),
-                        Op::Shift { per_position: false },
+                        Op::Shift {
+                            per_position: false,
+                        },
                         vec![id],
                         vec![("shift", em.vector(&consts)?)],
                     )?;
@@ -1088,13 +1148,21 @@ fn emit(
             Op::Scatter { indices, .. } => {
                 let wanted: Vec<usize> = rows
                     .iter()
-                    .map(|&j| indices.binary_search(&j).expect("kept scatter units are filled"))
+                    .map(|&j| {
+                        indices
+                            .binary_search(&j)
+                            .expect("kept scatter units are filled")
+                    })
                     .collect();
                 x.adapt(em, e.expect("scatter input"), &wanted)?
             }
             Op::Scale | Op::Shift { .. } => {
                 let src = x.adapt(em, e.expect("input"), rows)?;
-                let pname = if node.op == Op::Scale { "scale" } else { "shift" };
+                let pname = if node.op == Op::Scale {
+                    "scale"
+                } else {
+                    "shift"
+                };
                 let t = pick(net.param(i, pname).expect("vector param"), rows, 0)?;
                 em.push(name, node.op.clone(), vec![src], vec![(pname, t)])?
             }
@@ -1118,7 +1186,9 @@ fn emit(
         if consts.iter().any(|&c| c != 0.0) {
             out = em.push(
                 "output_shift",
-                Op::Shift { per_position: false },
+                Op::Shift {
+                    per_position: false,
+                },
                 vec![out],
                 vec![("shift", em.vector(&consts)?)],
             )?;

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod compress;
+pub mod coupling;
 pub mod error;
 pub mod layer;
 pub mod net;
@@ -12,6 +13,6 @@ pub mod truncnorm;
 
 pub use compress::{compress, CompressConfig, Compressed, ResidualPolicy};
 pub use error::{Error, Result};
-pub use net::{Net, NetBuilder, NodeShape};
 pub use layer::{log_normal_dropout, LogNormalDropout, LogNormalDropoutConfig, NoiseMode};
+pub use net::{Net, NetBuilder, NodeShape};
 pub use truncnorm::TruncatedLogNormal;

@@ -61,7 +61,11 @@ pub fn layer_stats(net: &Net) -> Vec<LayerStats> {
             Some(LayerStats {
                 name: node.name.clone(),
                 kind: kind.into(),
-                inputs: if kind == "input" { out.units() } else { input.units() },
+                inputs: if kind == "input" {
+                    out.units()
+                } else {
+                    input.units()
+                },
                 units: out.units(),
                 params: if kind == "input" { 0 } else { params() },
                 macs,

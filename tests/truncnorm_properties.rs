@@ -8,7 +8,12 @@ use proptest::prelude::*;
 const BOUNDS: [(f64, f64); 4] = [(-20.0, 0.0), (-10.0, 0.0), (-4.0, 4.0), (-30.0, -2.0)];
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(3000))]
+    #![proptest_config(ProptestConfig {
+        cases: 3000,
+        failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(2017),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn everything_is_finite_over_the_box(

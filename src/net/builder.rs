@@ -58,7 +58,10 @@ impl<'a> NetBuilder<'a> {
         let name = name.into();
         let index = self.spec.nodes.len();
         if let Some(bad) = inputs.iter().find(|x| x.0 >= index) {
-            return Err(graph(&name, format!("reads node {}, which does not exist", bad.0)));
+            return Err(graph(
+                &name,
+                format!("reads node {}, which does not exist", bad.0),
+            ));
         }
         if self.spec.nodes.iter().any(|n| n.name == name) {
             return Err(graph(&name, "a node of this name already exists"));
@@ -119,19 +122,36 @@ impl<'a> NetBuilder<'a> {
 
     /// A Linear layer with a bias.
     pub fn linear(&mut self, name: &str, x: NodeId, out_features: usize) -> Result<NodeId> {
-        self.push(name, Op::Linear { out_features, bias: true }, &[x])
+        self.push(
+            name,
+            Op::Linear {
+                out_features,
+                bias: true,
+            },
+            &[x],
+        )
     }
 
     /// A Linear layer without a bias.
     pub fn linear_no_bias(&mut self, name: &str, x: NodeId, out_features: usize) -> Result<NodeId> {
-        self.push(name, Op::Linear { out_features, bias: false }, &[x])
+        self.push(
+            name,
+            Op::Linear {
+                out_features,
+                bias: false,
+            },
+            &[x],
+        )
     }
 
     /// Batch normalisation over axis 1 (1-D on features, 2-D on images). `remove_mean`
     /// must be true (it is candle-nn's default).
     pub fn batch_norm(&mut self, name: &str, x: NodeId, config: BatchNormConfig) -> Result<NodeId> {
         if !config.remove_mean {
-            return Err(graph(name, "batch norm without mean removal is not supported"));
+            return Err(graph(
+                name,
+                "batch norm without mean removal is not supported",
+            ));
         }
         let op = Op::BatchNorm {
             eps: config.eps,

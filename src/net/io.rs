@@ -21,11 +21,20 @@ fn format_error(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// SHA-256 over every tensor's name, dtype, shape and bytes, in name order.
-fn digest<'a>(tensors: impl Iterator<Item = (&'a str, String, &'a [usize], &'a [u8])>) -> String {
+/// SHA-256 over the architecture and masks (as stored) and every tensor's name, dtype,
+/// shape and bytes, in name order.
+fn digest<'a>(
+    architecture: &str,
+    masks: &str,
+    tensors: impl Iterator<Item = (&'a str, String, &'a [usize], &'a [u8])>,
+) -> String {
     let mut items: Vec<_> = tensors.collect();
     items.sort_by(|a, b| a.0.cmp(b.0));
     let mut h = Sha256::new();
+    for text in [architecture, masks] {
+        h.update((text.len() as u64).to_le_bytes());
+        h.update(text.as_bytes());
+    }
     for (name, dtype, shape, bytes) in items {
         h.update((name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
@@ -87,7 +96,11 @@ impl Net {
                 Ok((n.clone(), t.dtype(), t.dims().to_vec(), view))
             })
             .collect::<Result<_>>()?;
+        let architecture = self.spec.to_json()?;
+        let masks = serde_json::to_string(&self.masks()).expect("bool vectors serialise");
         let sum = digest(
+            &architecture,
+            &masks,
             bytes
                 .iter()
                 .map(|(n, d, s, b)| (n.as_str(), format!("{d:?}"), s.as_slice(), b.as_slice())),
@@ -95,18 +108,16 @@ impl Net {
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
-        meta.insert("architecture".to_string(), self.spec.to_json()?);
-        meta.insert(
-            "masks".to_string(),
-            serde_json::to_string(&self.masks()).expect("bool vectors serialise"),
-        );
+        meta.insert("architecture".to_string(), architecture);
+        meta.insert("masks".to_string(), masks);
         meta.insert("sha256".to_string(), sum);
         let contiguous: Vec<(String, candle::Tensor)> = params
             .into_iter()
             .map(|(n, t)| Ok((n, t.contiguous()?)))
             .collect::<Result<_>>()?;
-        let data = safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-            .map_err(|e| format_error(path, format!("cannot encode: {e}")))?;
+        let data =
+            safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+                .map_err(|e| format_error(path, format!("cannot encode: {e}")))?;
         write_atomic(path, &data)
     }
 
@@ -132,7 +143,10 @@ impl Net {
                 .ok_or_else(|| format_error(path, format!("metadata lacks \"{key}\"")))
         };
         if field("format")? != FORMAT {
-            return Err(format_error(path, "metadata \"format\" is not candle-sbp.net"));
+            return Err(format_error(
+                path,
+                "metadata \"format\" is not candle-sbp.net",
+            ));
         }
         if field("format_version")? != FORMAT_VERSION {
             return Err(format_error(
@@ -155,6 +169,8 @@ impl Net {
             })
             .collect::<Result<_>>()?;
         let sum = digest(
+            field("architecture")?,
+            field("masks")?,
             views
                 .iter()
                 .zip(&dtypes)
@@ -163,7 +179,7 @@ impl Net {
         if &sum != field("sha256")? {
             return Err(format_error(
                 path,
-                "checksum mismatch: the tensors were changed after saving",
+                "checksum mismatch: the tensors, architecture or masks were changed after saving",
             ));
         }
         let spec = NetSpec::from_json(field("architecture")?)
@@ -200,7 +216,20 @@ impl Net {
         for (i, node) in spec.nodes.iter().enumerate() {
             let input = node.inputs.first().map_or(shapes[i], |&j| shapes[j]);
             for p in super::param_specs(&node.op, &input, &shapes[i]) {
-                expected.insert(format!("{}.{}", node.name, p.name));
+                let name = format!("{}.{}", node.name, p.name);
+                if let Some((_, view)) = views.iter().find(|(n, _)| *n == name) {
+                    if view.shape() != p.shape.as_slice() {
+                        return Err(format_error(
+                            path,
+                            format!(
+                                "tensor {name} has shape {:?} but the architecture needs {:?}",
+                                view.shape(),
+                                p.shape
+                            ),
+                        ));
+                    }
+                }
+                expected.insert(name);
             }
         }
         let found: std::collections::BTreeSet<String> =

@@ -144,9 +144,13 @@ impl Net {
                 }
                 op => {
                     for p in &specs {
-                        own.push((p.name, vbn.get_with_hints(p.shape.as_slice(), p.name, p.init)?));
+                        own.push((
+                            p.name,
+                            vbn.get_with_hints(p.shape.as_slice(), p.name, p.init)?,
+                        ));
                     }
-                    let get = |name: &str| own.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
+                    let get =
+                        |name: &str| own.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
                     match op {
                         Op::Conv2d { .. } => NodeImpl::Conv {
                             weight: get("weight").expect("conv weight declared"),
@@ -309,7 +313,10 @@ impl Net {
     /// (built from a `VarMap`).
     pub fn reset_parameters(&self, seed: u64) -> Result<()> {
         for (i, node) in self.spec.nodes.iter().enumerate() {
-            let input = node.inputs.first().map_or(self.shapes[i], |&j| self.shapes[j]);
+            let input = node
+                .inputs
+                .first()
+                .map_or(self.shapes[i], |&j| self.shapes[j]);
             for p in param_specs(&node.op, &input, &self.shapes[i]) {
                 let full = format!("{}.{}", node.name, p.name);
                 let tensor = self.param(i, p.name).expect("declared parameter exists");
@@ -431,7 +438,11 @@ impl Net {
                 let ins: Vec<&Tensor> = self.spec.nodes[i]
                     .inputs
                     .iter()
-                    .map(|&j| values[j].as_ref().expect("inputs are computed and kept until last use"))
+                    .map(|&j| {
+                        values[j]
+                            .as_ref()
+                            .expect("inputs are computed and kept until last use")
+                    })
                     .collect();
                 let out = if i == 0 {
                     xs.to_dtype(self.dtype)?
@@ -454,7 +465,13 @@ impl Net {
             values[i] = Some(out);
         }
         let output = values[n - 1].take().expect("the output node was computed");
-        Ok((output, tapped.into_iter().map(|t| t.expect("every tap was computed")).collect()))
+        Ok((
+            output,
+            tapped
+                .into_iter()
+                .map(|t| t.expect("every tap was computed"))
+                .collect(),
+        ))
     }
 
     fn apply(&self, i: usize, ins: &[&Tensor], train: bool) -> Result<Tensor> {

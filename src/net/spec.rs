@@ -253,21 +253,6 @@ impl Op {
             Op::Shift { .. } => "shift",
         }
     }
-
-    /// Whether the op maps unit `i` of its input to unit `i` of its output and nothing else.
-    pub(crate) fn is_unitwise(&self) -> bool {
-        matches!(
-            self,
-            Op::BatchNorm { .. }
-                | Op::Activation { .. }
-                | Op::MaxPool2d { .. }
-                | Op::AvgPool2d { .. }
-                | Op::Dropout { .. }
-                | Op::LogNormalDropout { .. }
-                | Op::Scale
-                | Op::Shift { .. }
-        )
-    }
 }
 
 /// One node: a unique name (the prefix of its parameters), an operation and the indices of
@@ -491,7 +476,7 @@ pub(crate) fn infer_shape(name: &str, op: &Op, ins: &[NodeShape]) -> Result<Node
             NodeShape::features(out_features)
         }
         &Op::BatchNorm { eps, momentum, .. } => {
-            if !(eps.is_finite() && eps > 0.0) || !(0.0..=1.0).contains(&momentum) {
+            if !(eps.is_finite() && eps > 0.0 && (0.0..=1.0).contains(&momentum)) {
                 return Err(graph(
                     name,
                     format!("batch norm needs eps > 0 and momentum in [0, 1], got eps = {eps}, momentum = {momentum}"),
@@ -502,7 +487,10 @@ pub(crate) fn infer_shape(name: &str, op: &Op, ins: &[NodeShape]) -> Result<Node
         Op::Activation { f } => {
             if let Activation::LeakyRelu { slope } = f {
                 if !slope.is_finite() {
-                    return Err(graph(name, format!("leaky relu slope {slope} is not finite")));
+                    return Err(graph(
+                        name,
+                        format!("leaky relu slope {slope} is not finite"),
+                    ));
                 }
             }
             ins[0]
@@ -551,10 +539,7 @@ pub(crate) fn infer_shape(name: &str, op: &Op, ins: &[NodeShape]) -> Result<Node
         }
         Op::Concat => {
             let units = ins.iter().map(|s| s.units()).sum();
-            if let Some(other) = ins
-                .iter()
-                .find(|s| s.with_units(1) != ins[0].with_units(1))
-            {
+            if let Some(other) = ins.iter().find(|s| s.with_units(1) != ins[0].with_units(1)) {
                 return Err(graph(
                     name,
                     format!(
