@@ -799,6 +799,34 @@ fn positions(name: &str, have: &[usize], wanted: &[usize]) -> Result<Vec<usize>>
         .collect()
 }
 
+/// A Conv2d op like `op` with new output channels, groups and bias flag.
+fn resized_conv(op: &Op, out_channels: usize, groups: usize, bias: bool) -> Op {
+    match *op {
+        Op::Conv2d {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ..
+        } => Op::Conv2d {
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+        },
+        ref other => other.clone(),
+    }
+}
+
+fn weight_and_bias(weight: Tensor, bias: Option<Tensor>) -> Vec<(&'static str, Tensor)> {
+    let mut params = vec![("weight", weight)];
+    params.extend(bias.map(|b| ("bias", b)));
+    params
+}
+
 fn pick(t: &Tensor, idx: &[usize], dim: usize) -> Result<Tensor> {
     Ok(t.index_select(&index_tensor(idx, t.device())?, dim)?
         .contiguous()?)
@@ -890,12 +918,10 @@ fn emit(
                 }
             }
             &Op::Conv2d {
-                kernel,
                 stride,
                 padding,
                 dilation,
                 groups,
-                bias,
                 ..
             } => {
                 let e = e.expect("conv has an input");
@@ -905,20 +931,14 @@ fn emit(
                 if groups == cin && groups > 1 {
                     // Depthwise: channel j reads channel j only.
                     let src = x.adapt(em, e, rows)?;
-                    let mut params = vec![("weight", pick(&weight, rows, 0)?)];
-                    if let Some(b) = b {
-                        params.push(("bias", pick(&b, rows, 0)?));
-                    }
-                    let op = Op::Conv2d {
-                        out_channels: rows.len(),
-                        kernel,
-                        stride,
-                        padding,
-                        dilation,
-                        groups: rows.len(),
-                        bias,
-                    };
-                    em.push(name, op, vec![src], params)?
+                    let b = b.map(|b| pick(&b, rows, 0)).transpose()?;
+                    let op = resized_conv(&node.op, rows.len(), rows.len(), b.is_some());
+                    em.push(
+                        name,
+                        op,
+                        vec![src],
+                        weight_and_bias(pick(&weight, rows, 0)?, b),
+                    )?
                 } else if groups != 1 {
                     if rows.len() != shapes[i].units() || kept[e].len() != cin {
                         return Err(Error::Surgery {
@@ -961,19 +981,8 @@ fn emit(
                             shift = Some(map.to_dtype(net.dtype())?);
                         }
                     }
-                    let mut params = vec![("weight", pick(&w_rows, &kept[e], 1)?)];
-                    if let Some(b) = &b {
-                        params.push(("bias", b.clone()));
-                    }
-                    let op = Op::Conv2d {
-                        out_channels: rows.len(),
-                        kernel,
-                        stride,
-                        padding,
-                        dilation,
-                        groups: 1,
-                        bias: b.is_some(),
-                    };
+                    let op = resized_conv(&node.op, rows.len(), 1, b.is_some());
+                    let params = weight_and_bias(pick(&w_rows, &kept[e], 1)?, b);
                     let conv = em.push(name, op, vec![src], params)?;
                     match shift {
                         Some(map) => {
@@ -1011,14 +1020,11 @@ fn emit(
                         None => extra,
                     });
                 }
-                let mut params = vec![("weight", pick(&w_rows, &kept[e], 1)?)];
-                if let Some(b) = &b {
-                    params.push(("bias", b.clone()));
-                }
                 let op = Op::Linear {
                     out_features: rows.len(),
                     bias: b.is_some(),
                 };
+                let params = weight_and_bias(pick(&w_rows, &kept[e], 1)?, b);
                 em.push(name, op, vec![src], params)?
             }
             Op::BatchNorm { .. } => {

@@ -128,21 +128,8 @@ fn save_then_load_is_bit_identical_and_readable_by_candle_nn() {
     let loaded = Net::load(&path, &Device::Cpu).unwrap();
     assert_eq!(loaded.spec(), small.net.spec());
     let xs = mnist_batch(8, 2);
-    let a = small
-        .net
-        .forward_t(&xs, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = loaded
-        .forward_t(&xs, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let a = eval_values(&small.net, &xs);
+    let b = eval_values(&loaded, &xs);
     assert_eq!(a, b, "bit-identical outputs");
     assert!(loaded.varmap().is_some(), "a loaded net can be fine-tuned");
 
@@ -169,20 +156,8 @@ fn save_then_load_is_bit_identical_and_readable_by_candle_nn() {
     let again = Net::load(&full_path, &Device::Cpu).unwrap();
     assert_eq!(again.masks(), full.masks());
     assert_eq!(again.noise_layers().len(), 4);
-    let a = full
-        .forward_t(&xs, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = again
-        .forward_t(&xs, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let a = eval_values(&full, &xs);
+    let b = eval_values(&again, &xs);
     assert_eq!(a, b);
 }
 

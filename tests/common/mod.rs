@@ -335,22 +335,22 @@ pub fn random_keep(rng: &mut StdRng, units: usize, p_remove: f64) -> Vec<bool> {
 pub fn relative_error(reference: &Tensor, other: &Tensor) -> f64 {
     let r = reference.to_dtype(DType::F64).unwrap();
     let o = other.to_dtype(DType::F64).unwrap();
-    let diff = (&r - &o)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let scale = r
-        .abs()
+    max_abs(&(&r - &o).unwrap()) / max_abs(&r).max(1e-12)
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f64>()
-        .unwrap();
-    diff / scale.max(1e-12)
+        .unwrap()
+}
+
+/// The eval-mode output of `net` on `xs`, flattened (f32).
+pub fn eval_values(net: &Net, xs: &Tensor) -> Vec<f32> {
+    let out = net.forward_t(xs, false).unwrap();
+    out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 /// A seeded random batch for `net`.
