@@ -3,6 +3,7 @@
 
 pub mod compress;
 pub mod coupling;
+pub mod data;
 pub mod error;
 pub mod layer;
 pub mod net;
