@@ -6,6 +6,7 @@ pub mod coupling;
 pub mod data;
 pub mod error;
 pub mod layer;
+pub mod models;
 pub mod net;
 pub mod report;
 mod special;
