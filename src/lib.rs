@@ -11,6 +11,7 @@ pub mod net;
 pub mod report;
 mod special;
 pub mod surgery;
+pub mod train;
 pub mod truncnorm;
 
 pub use compress::{compress, CompressConfig, Compressed, ResidualPolicy};
