@@ -80,6 +80,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// Training produced a non-finite loss.
+    #[error("training diverged at epoch {epoch}, step {step}: {reason}")]
+    Diverged {
+        /// The epoch (0-based).
+        epoch: usize,
+        /// The optimiser step that would have been taken.
+        step: u64,
+        /// The loss and the first non-finite parameter, if any.
+        reason: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {

@@ -4,11 +4,13 @@
 //! `w_l` are optional per-layer KL weights (the paper's "SBPa" weights early layers more).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use candle::{DType, Tensor, Var};
 
+use crate::data::ImageSet;
 use crate::error::{Error, Result};
-use crate::net::Net;
+use crate::net::{write_atomic, Net};
 
 /// The terms of one evaluation of the objective.
 #[derive(Debug, Clone)]
@@ -243,6 +245,279 @@ pub fn check_finite(net: &Net) -> Result<()> {
                 index,
                 value,
             });
+        }
+    }
+    Ok(())
+}
+
+/// Options of [`fit`].
+#[derive(Debug, Clone)]
+pub struct FitConfig {
+    /// Epochs in all (a resumed run counts the finished ones).
+    pub epochs: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Adam for the weights.
+    pub weights: AdamConfig,
+    /// Adam for the noise parameters.
+    pub noise: AdamConfig,
+    /// The learning rates stay constant for these epochs, then decay linearly to 0 at
+    /// `epochs` (the paper's schedule; `epochs` keeps them constant).
+    pub constant_epochs: usize,
+    /// Multiplies the KL term (0 trains the dense network without it).
+    pub kl_scale: f64,
+    /// Per noise layer KL weights (1 where absent).
+    pub kl_weights: BTreeMap<String, f64>,
+    /// Seeds the shuffling and the noise, epoch by epoch.
+    pub seed: u64,
+    /// A directory for checkpoints: written atomically after every epoch, and read back
+    /// to resume an interrupted run.
+    pub checkpoint: Option<PathBuf>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 100,
+            weights: AdamConfig::default(),
+            noise: AdamConfig::default(),
+            constant_epochs: 10,
+            kl_scale: 1.0,
+            kl_weights: BTreeMap::new(),
+            seed: 0,
+            checkpoint: None,
+            progress: true,
+        }
+    }
+}
+
+/// What one epoch did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochStats {
+    /// The epoch (0-based).
+    pub epoch: usize,
+    /// Mean loss over the epoch's steps.
+    pub loss: f64,
+    /// Mean cross-entropy.
+    pub cross_entropy: f64,
+    /// Mean scaled KL term.
+    pub kl: f64,
+    /// Training error of the noisy network over the epoch.
+    pub train_error: f64,
+    /// Units each noise layer keeps at the end of the epoch, in node order.
+    pub units_kept: Vec<usize>,
+    /// Wall-clock seconds of the epoch.
+    pub seconds: f64,
+}
+
+const MANIFEST: &str = "checkpoint.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    epochs_done: usize,
+    step: u64,
+    net: String,
+    optimizer: String,
+    history: Vec<EpochStats>,
+}
+
+/// Trains `net` on `data` with the SBP objective (see [`FitConfig`]), calling `on_epoch`
+/// after each epoch. With a checkpoint directory, every epoch ends with an atomic
+/// checkpoint, and a run that finds one resumes after its last finished epoch with the
+/// same weights, optimiser state and history. A non-finite loss stops the run with
+/// [`Error::Diverged`] naming the step and the first parameter that is not finite.
+pub fn fit(
+    net: &mut Net,
+    data: &ImageSet,
+    config: &FitConfig,
+    mut on_epoch: impl FnMut(&EpochStats) -> Result<()>,
+) -> Result<Vec<EpochStats>> {
+    if config.batch_size == 0 || data.is_empty() {
+        return Err(Error::InvalidValue {
+            name: "batch_size".into(),
+            value: config.batch_size as f64,
+            reason: format!(
+                "needs a positive batch size and data ({} examples)",
+                data.len()
+            ),
+        });
+    }
+    let mut opt = Adam::new(net, config.weights, config.noise)?;
+    let mut history = Vec::new();
+    if let Some(dir) = &config.checkpoint {
+        if let Some(m) = read_manifest(dir)? {
+            net.restore(dir.join(&m.net))?;
+            let state = candle::safetensors::load(dir.join(&m.optimizer), net.device())?;
+            opt.restore(&state.into_iter().collect(), m.step)?;
+            history = m.history;
+        }
+    }
+    let device = net.device().clone();
+    let n = data.len();
+    let steps = n.div_ceil(config.batch_size);
+    for epoch in history.len()..config.epochs {
+        let start = std::time::Instant::now();
+        let factor = linear_decay_factor(epoch, config.constant_epochs, config.epochs);
+        opt.set_learning_rates(config.weights.lr * factor, config.noise.lr * factor);
+        net.reseed(config.seed.wrapping_add(epoch as u64));
+        let order = shuffled(n, config.seed, epoch);
+        let bar = progress_bar(config.progress, steps as u64, epoch, config.epochs);
+        let (mut loss_sum, mut ce_sum, mut kl_sum, mut wrong) = (0.0, 0.0, 0.0, 0usize);
+        for (k, chunk) in order.chunks(config.batch_size).enumerate() {
+            let (xs, ys) = data.batch(chunk, &device)?;
+            let logits = net.forward_t(&xs, true)?;
+            let terms = elbo(net, &logits, &ys, n, config.kl_scale, &config.kl_weights)?;
+            let loss = terms.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss.is_finite() {
+                let step = opt.step_count() + 1;
+                let cause = match check_finite(net) {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "every parameter is finite: the loss itself overflowed".into(),
+                };
+                return Err(Error::Diverged {
+                    epoch,
+                    step,
+                    reason: format!("loss = {loss}; {cause}"),
+                });
+            }
+            opt.backward_step(&terms.loss)?;
+            let predicted = logits.argmax(1)?;
+            let hits = predicted
+                .eq(&ys)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            wrong += chunk.len() - hits as usize;
+            loss_sum += loss;
+            ce_sum += terms.cross_entropy;
+            kl_sum += terms.kl;
+            if let Some(bar) = &bar {
+                bar.set_position(k as u64 + 1);
+                bar.set_message(format!(
+                    "loss {:.4} err {:.2}%",
+                    loss_sum / (k + 1) as f64,
+                    100.0 * wrong as f64 / ((k * config.batch_size) + chunk.len()) as f64
+                ));
+            }
+        }
+        let units_kept = net
+            .noise_layers()
+            .iter()
+            .map(|(_, l)| l.num_kept())
+            .collect::<Result<Vec<_>>>()?;
+        let stats = EpochStats {
+            epoch,
+            loss: loss_sum / steps as f64,
+            cross_entropy: ce_sum / steps as f64,
+            kl: kl_sum / steps as f64,
+            train_error: wrong as f64 / n as f64,
+            units_kept,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        if let Some(bar) = bar {
+            bar.finish_with_message(format!(
+                "loss {:.4} err {:.2}% kept {:?}",
+                stats.loss,
+                100.0 * stats.train_error,
+                stats.units_kept
+            ));
+        }
+        history.push(stats.clone());
+        if let Some(dir) = &config.checkpoint {
+            write_checkpoint(dir, net, &opt, &history)?;
+        }
+        on_epoch(&stats)?;
+    }
+    Ok(history)
+}
+
+fn shuffled(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(crate::layer::stream_seed(
+        seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        "shuffle",
+    ));
+    order.shuffle(&mut rng);
+    order
+}
+
+fn progress_bar(
+    show: bool,
+    steps: u64,
+    epoch: usize,
+    epochs: usize,
+) -> Option<indicatif::ProgressBar> {
+    if !show {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise}<{eta_precise} {msg}",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+    Some(bar)
+}
+
+fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let path = dir.join(MANIFEST);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Format {
+            path,
+            reason: format!("not a checkpoint manifest: {e}"),
+        })
+}
+
+/// Writes the epoch's files, then the manifest that names them (atomically), then removes
+/// the previous epoch's files: a crash at any moment leaves a consistent checkpoint.
+fn write_checkpoint(dir: &Path, net: &Net, opt: &Adam, history: &[EpochStats]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let previous = read_manifest(dir)?;
+    let epochs_done = history.len();
+    let net_file = format!("net-epoch{epochs_done}.safetensors");
+    let opt_file = format!("optimizer-epoch{epochs_done}.safetensors");
+    net.save(dir.join(&net_file))?;
+    let (state, step) = opt.state();
+    let bytes =
+        safetensors::serialize(state.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
+            Error::Format {
+                path: dir.join(&opt_file),
+                reason: format!("cannot encode: {e}"),
+            }
+        })?;
+    write_atomic(&dir.join(&opt_file), &bytes)?;
+    let manifest = Manifest {
+        epochs_done,
+        step,
+        net: net_file.clone(),
+        optimizer: opt_file.clone(),
+        history: history.to_vec(),
+    };
+    let json = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
+    write_atomic(&dir.join(MANIFEST), json.as_bytes())?;
+    if let Some(old) = previous {
+        for f in [old.net, old.optimizer] {
+            if f != net_file && f != opt_file {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
         }
     }
     Ok(())

@@ -158,3 +158,180 @@ fn schedule_and_finiteness() {
         other => panic!("{other:?}"),
     }
 }
+
+mod fitting {
+    use super::*;
+    use candle_sbp::data::{mnist, ImageSet};
+    use candle_sbp::train::{fit, FitConfig};
+
+    fn synthetic(n: usize) -> ImageSet {
+        // Class c lights up row c of the image: learnable in a few steps.
+        let mut pixels = vec![0u8; n * 784];
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        for (i, &c) in labels.iter().enumerate() {
+            for x in 0..28 {
+                pixels[i * 784 + (c as usize * 2) * 28 + x] = 200 + (i % 7) as u8;
+            }
+        }
+        ImageSet {
+            pixels,
+            labels,
+            channels: 1,
+            height: 28,
+            width: 28,
+        }
+    }
+
+    fn config(epochs: usize, dir: Option<std::path::PathBuf>) -> FitConfig {
+        FitConfig {
+            epochs,
+            batch_size: 50,
+            weights: AdamConfig {
+                lr: 1e-2,
+                ..Default::default()
+            },
+            noise: AdamConfig {
+                lr: 1e-2,
+                ..Default::default()
+            },
+            constant_epochs: 1,
+            seed: 3,
+            checkpoint: dir,
+            progress: false,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_interrupted_run_resumes_with_nothing_lost() {
+        let data = synthetic(400);
+        let straight = VarMap::new();
+        let mut a = mlp(&straight);
+        let history = fit(&mut a, &data, &config(3, None), |_| Ok(())).unwrap();
+        assert_eq!(history.len(), 3);
+        assert!(history[2].train_error < 0.2, "{history:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("run");
+        let vm = VarMap::new();
+        let mut b = mlp(&vm);
+        // "Interrupted" after the second epoch.
+        let mut seen = 0;
+        let stop = fit(&mut b, &data, &config(3, Some(ckpt.clone())), |s| {
+            seen += 1;
+            if s.epoch == 1 {
+                Err(Error::InvalidConfig {
+                    layer: "test".into(),
+                    reason: "interrupt".into(),
+                })
+            } else {
+                Ok(())
+            }
+        });
+        assert!(stop.is_err() && seen == 2);
+        let files: Vec<String> = std::fs::read_dir(&ckpt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        assert!(
+            files.contains(&"net-epoch2.safetensors".to_string())
+                && !files.contains(&"net-epoch1.safetensors".to_string()),
+            "{files:?}"
+        );
+        let vm2 = VarMap::new();
+        let mut c = mlp(&vm2);
+        let resumed = fit(&mut c, &data, &config(3, Some(ckpt)), |_| Ok(())).unwrap();
+        assert_eq!(resumed.len(), 3);
+        assert_eq!(
+            resumed[..2].iter().map(|s| s.loss).collect::<Vec<_>>(),
+            history[..2].iter().map(|s| s.loss).collect::<Vec<_>>()
+        );
+        assert!(
+            values(&a) == values(&c),
+            "resumed weights equal the uninterrupted run's"
+        );
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_with_the_step_and_parameter() {
+        let vm = VarMap::new();
+        let mut net = mlp(&vm);
+        let w = net
+            .param(net.node_index("fc2").unwrap(), "weight")
+            .unwrap()
+            .clone();
+        let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[3] = f32::INFINITY;
+        Var::from_tensor(&w)
+            .unwrap()
+            .set(&Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+        match fit(&mut net, &synthetic(100), &config(1, None), |_| Ok(())) {
+            Err(Error::Diverged {
+                epoch,
+                step,
+                reason,
+            }) => {
+                assert_eq!((epoch, step), (0, 1));
+                assert!(
+                    reason.contains("fc2") && reason.contains("weight[3]"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn learns_real_mnist_and_prunes() {
+        let base = std::env::var_os("SBP_DATA_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+            });
+        if !base.join("mnist").is_dir() {
+            assert!(std::env::var_os("CI").is_none(), "CI must have MNIST");
+            eprintln!("\n*** SKIPPED: no MNIST under {} ***\n", base.display());
+            return;
+        }
+        let m = mnist::load(base.join("mnist")).unwrap();
+        let n = 3000;
+        let sub = ImageSet {
+            pixels: m.train.pixels[..n * 784].to_vec(),
+            labels: m.train.labels[..n].to_vec(),
+            ..m.train.clone()
+        };
+        let vm = VarMap::new();
+        let mut net = mlp(&vm);
+        // A larger noise learning rate, so that pruning shows within 240 steps.
+        let cfg = FitConfig {
+            kl_scale: 1.0,
+            noise: AdamConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+            constant_epochs: 4,
+            ..config(4, None)
+        };
+        let history = fit(&mut net, &sub, &cfg, |_| Ok(())).unwrap();
+        let idx: Vec<usize> = (0..1000).collect();
+        let (xs, ys) = m.test.batch(&idx, &Device::Cpu).unwrap();
+        let pred = net.forward_t(&xs, false).unwrap().argmax(1).unwrap();
+        let acc = pred
+            .eq(&ys)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        println!("{history:?}\ntest accuracy {acc}");
+        assert!(acc > 0.8, "test accuracy {acc}");
+        assert!(
+            history.last().unwrap().units_kept[0] < 784,
+            "the input layer lost pixels: {:?}",
+            history.last().unwrap().units_kept
+        );
+    }
+}

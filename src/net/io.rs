@@ -253,3 +253,30 @@ impl Net {
         Ok(net)
     }
 }
+
+impl Net {
+    /// Loads the parameters and masks saved by [`Net::save`] into this network, whose
+    /// architecture must be the file's (for resuming training). Parameters must be
+    /// variables.
+    pub fn restore(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let saved = Net::load(path, self.device())?;
+        if saved.spec() != self.spec() {
+            return Err(format_error(
+                path,
+                "the file holds a different architecture from this network",
+            ));
+        }
+        for ((name, dst), (_, src)) in self.named_params().into_iter().zip(saved.named_params()) {
+            if !dst.is_variable() {
+                return Err(format_error(path, format!("{name} is not a variable here")));
+            }
+            Var::from_tensor(&dst)?.set(&src.to_dtype(dst.dtype())?)?;
+        }
+        self.clear_masks();
+        for (name, keep) in saved.masks() {
+            self.set_mask(&name, &keep)?;
+        }
+        Ok(())
+    }
+}

@@ -44,6 +44,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 pub use builder::{NetBuilder, NodeId};
+pub use io::write_atomic;
 pub use spec::{Activation, NetSpec, NodeShape, NodeSpec, Op};
 
 pub(crate) use spec::{graph, infer_shape, param_specs};
