@@ -249,3 +249,74 @@ impl fmt::Display for CompressionReport {
         Ok(())
     }
 }
+
+/// The report an experiment writes (the examples' `--report FILE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentReport {
+    /// The network.
+    pub model: String,
+    /// The data set.
+    pub dataset: String,
+    /// The seed of the run.
+    pub seed: u64,
+    /// Dense pretraining epochs.
+    pub epochs_pretrain: usize,
+    /// SBP epochs.
+    pub epochs_sbp: usize,
+    /// Wall-clock seconds of training (both phases).
+    pub train_seconds: f64,
+    /// Test error of the dense network after pretraining.
+    pub dense_error: f64,
+    /// Test error of the compressed network.
+    pub compressed_error: f64,
+    /// Units per layer before (the input, then each Conv2d and Linear).
+    pub units_before: Vec<usize>,
+    /// Units per layer after (for the input: the features still read).
+    pub units_after: Vec<usize>,
+    /// Inference parameters before.
+    pub params_before: usize,
+    /// Inference parameters after.
+    pub params_after: usize,
+    /// MACs per example before.
+    pub macs_before: u64,
+    /// MACs per example after.
+    pub macs_after: u64,
+    /// Measured eval-time speed-up of the compressed over the dense network.
+    pub speedup_measured: f64,
+    /// The batch size the speed-up was measured at.
+    pub batch_size_timed: usize,
+    /// Every epoch of both phases.
+    pub history: Vec<crate::train::EpochStats>,
+}
+
+/// Test error of `net` in evaluation mode over `data`, in batches of `batch`.
+pub fn test_error(net: &Net, data: &crate::data::ImageSet, batch: usize) -> Result<f64> {
+    let mut wrong = 0usize;
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        let (xs, ys) = data.batch(chunk, net.device())?;
+        let pred = net.forward_t(&xs, false)?.argmax(1)?;
+        let hits = pred
+            .eq(&ys)?
+            .to_dtype(candle::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        wrong += chunk.len() - hits as usize;
+    }
+    Ok(wrong as f64 / data.len().max(1) as f64)
+}
+
+/// Median seconds of one eval-mode forward pass of `net` on `xs`, over `repeats` runs after
+/// a warm-up run.
+pub fn time_forward(net: &Net, xs: &candle::Tensor, repeats: usize) -> Result<f64> {
+    net.forward_t(xs, false)?;
+    let mut times = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) {
+        let start = std::time::Instant::now();
+        let out = net.forward_t(xs, false)?;
+        out.device().synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
