@@ -1,32 +1,11 @@
 //! The MNIST and CIFAR-10 readers on the real files and on damaged ones.
 
-use std::path::PathBuf;
-
 use candle::Device;
 use candle_sbp::data::{cifar10, mnist};
 use candle_sbp::Error;
 
-/// The real data: `$SBP_DATA_DIR`, else `../shared/data`. Missing data is a loud skip on a
-/// developer's machine and a failure in CI.
-fn real_data(sub: &str) -> Option<PathBuf> {
-    let base = std::env::var_os("SBP_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    let dir = base.join(sub);
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have the real data, but {} is missing",
-        dir.display()
-    );
-    eprintln!(
-        "\n*** SKIPPED: {} is missing; set SBP_DATA_DIR ***\n",
-        dir.display()
-    );
-    None
-}
+mod common;
+use common::real_data;
 
 #[test]
 fn reads_the_complete_official_mnist() {

@@ -1,5 +1,7 @@
 //! The optimiser, the objective and the learning-rate schedule.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use candle::{DType, Device, Tensor, Var};
@@ -284,17 +286,10 @@ mod fitting {
 
     #[test]
     fn learns_real_mnist_and_prunes() {
-        let base = std::env::var_os("SBP_DATA_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
-            });
-        if !base.join("mnist").is_dir() {
-            assert!(std::env::var_os("CI").is_none(), "CI must have MNIST");
-            eprintln!("\n*** SKIPPED: no MNIST under {} ***\n", base.display());
+        let Some(dir) = common::real_data("mnist") else {
             return;
-        }
-        let m = mnist::load(base.join("mnist")).unwrap();
+        };
+        let m = mnist::load(dir).unwrap();
         let n = 3000;
         let sub = ImageSet {
             pixels: m.train.pixels[..n * 784].to_vec(),

@@ -2,6 +2,8 @@
 //! and noise placement, residual adds, concats, flatten into linear, and random masks.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
+
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{BatchNormConfig, Conv2dConfig, VarBuilder, VarMap};
 use candle_sbp::net::{Activation, NetBuilder, NodeId, NodeShape};
@@ -360,4 +362,26 @@ pub fn random_input(net: &Net, batch: usize, seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x1234);
     let values: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
     Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}
+
+/// The real data: `$SBP_DATA_DIR`, else `../shared/data`. Missing data is a loud skip on a
+/// developer's machine and a failure in CI.
+pub fn real_data(sub: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("SBP_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    let dir = base.join(sub);
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have the real data, but {} is missing",
+        dir.display()
+    );
+    eprintln!(
+        "\n*** SKIPPED: {} is missing; set SBP_DATA_DIR ***\n",
+        dir.display()
+    );
+    None
 }
