@@ -5,6 +5,7 @@ pub mod compress;
 pub mod coupling;
 pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod layer;
 pub mod models;
 pub mod net;

@@ -1,0 +1,113 @@
+//! What every paper example shares: its flags and how it reports.
+
+use std::path::PathBuf;
+
+use candle_sbp::data::ImageSet;
+use candle_sbp::experiment::{run, ExperimentConfig, ModelFn};
+
+/// The flags of every paper example.
+#[derive(clap::Parser, Debug)]
+pub struct Args {
+    /// Dense pretraining epochs.
+    #[arg(long, default_value_t = 2)]
+    pub epochs_pretrain: usize,
+    /// SBP epochs (the paper: 200).
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Seed of initialisation, shuffling and noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Examples per step.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Learning rate of the weights.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Learning rate of the noise parameters.
+    #[arg(long, default_value_t = 1e-2)]
+    pub noise_lr: f64,
+    /// Use only the first N training images (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub train_limit: usize,
+    /// The data directory (default: $SBP_DATA_DIR, else ./data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Where to write the JSON report (default: NAME.json).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Where to save the compressed model (default: NAME_compressed.safetensors).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Checkpoint directory: resumes an interrupted run.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Trains, compresses, prints the table and writes the report and the model.
+pub fn main_with(
+    name: &str,
+    dataset: &str,
+    model: &ModelFn,
+    args: &Args,
+    mut train: ImageSet,
+    test: &ImageSet,
+) -> anyhow::Result<()> {
+    if args.train_limit > 0 && args.train_limit < train.len() {
+        train.pixels.truncate(args.train_limit * train.image_len());
+        train.labels.truncate(args.train_limit);
+    }
+    let config = ExperimentConfig {
+        model: name.into(),
+        dataset: dataset.into(),
+        epochs_pretrain: args.epochs_pretrain,
+        epochs_sbp: args.epochs,
+        seed: args.seed,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        noise_lr: args.noise_lr,
+        checkpoint: args.checkpoint.clone(),
+        progress: !args.quiet,
+        ..Default::default()
+    };
+    let (report, small) = run(model, &train, test, &config, |phase, s| {
+        println!(
+            "{phase} epoch {}: loss {:.4}, train error {:.2}%, kept {:?} ({:.0} s)",
+            s.epoch + 1,
+            s.loss,
+            100.0 * s.train_error,
+            s.units_kept,
+            s.seconds
+        );
+    })?;
+    let r = &small.report;
+    println!("\n{r}");
+    println!(
+        "test error: dense {:.2}% → compressed {:.2}%; MACs {:.2}× fewer; measured speed-up {:.2}× (batch {}); trained in {:.0} s",
+        100.0 * report.dense_error,
+        100.0 * report.compressed_error,
+        r.macs_ratio(),
+        report.speedup_measured,
+        report.batch_size_timed,
+        report.train_seconds
+    );
+    let report_path = args
+        .report
+        .clone()
+        .unwrap_or_else(|| format!("{name}.json").into());
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| format!("{name}_compressed.safetensors").into());
+    let json = serde_json::to_string_pretty(&report)?;
+    candle_sbp::net::write_atomic(&report_path, json.as_bytes())?;
+    small.net.save(&out)?;
+    println!(
+        "report: {}; compressed model: {}",
+        report_path.display(),
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! One experiment as the paper runs it: pretrain the dense network, train with SBP from
+//! it, compress, and measure. The examples are thin wrappers around [`run`].
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::compress::{compress, CompressConfig, Compressed};
+use crate::data::ImageSet;
+use crate::error::Result;
+use crate::layer::LogNormalDropoutConfig;
+use crate::net::Net;
+use crate::report::{test_error, time_forward, ExperimentReport};
+use crate::train::{fit, AdamConfig, EpochStats, FitConfig};
+
+/// Builds a model with (`Some`) or without (`None`) noise layers.
+pub type ModelFn = dyn Fn(Option<LogNormalDropoutConfig>, VarBuilder) -> Result<Net>;
+
+/// Settings of [`run`].
+#[derive(Debug, Clone)]
+pub struct ExperimentConfig {
+    /// The model's name in the report.
+    pub model: String,
+    /// The data set's name in the report.
+    pub dataset: String,
+    /// Dense pretraining epochs.
+    pub epochs_pretrain: usize,
+    /// SBP epochs.
+    pub epochs_sbp: usize,
+    /// Seed of initialisation, shuffling and noise.
+    pub seed: u64,
+    /// Examples per training step.
+    pub batch_size: usize,
+    /// Learning rate of the weights (Adam, β1 = 0.95 as the paper).
+    pub lr: f64,
+    /// Learning rate of the noise parameters.
+    pub noise_lr: f64,
+    /// Checkpoint directory (each phase in its own subfolder); resumes a run.
+    pub checkpoint: Option<PathBuf>,
+    /// Progress bars.
+    pub progress: bool,
+    /// Batch size of the timed inference.
+    pub timed_batch: usize,
+    /// The device.
+    pub device: Device,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        Self {
+            model: "model".into(),
+            dataset: "data".into(),
+            epochs_pretrain: 2,
+            epochs_sbp: 5,
+            seed: 0,
+            batch_size: 100,
+            lr: 1e-3,
+            noise_lr: 1e-2,
+            checkpoint: None,
+            progress: true,
+            timed_batch: 100,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Pretrains `model` densely (no KL, noise frozen at `log σ = -5`, so `θ ≈ 1`), trains it
+/// with SBP, compresses it, and measures test errors and the eval speed-up of the
+/// compressed over the dense network. `on_epoch` sees every epoch of both phases.
+pub fn run(
+    model: &ModelFn,
+    train: &ImageSet,
+    test: &ImageSet,
+    config: &ExperimentConfig,
+    mut on_epoch: impl FnMut(&str, &EpochStats),
+) -> Result<(ExperimentReport, Compressed)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &config.device);
+    let mut net = model(Some(LogNormalDropoutConfig::default()), vb)?;
+    net.reset_parameters(config.seed)?;
+    let adam = |lr| AdamConfig {
+        lr,
+        beta1: 0.95,
+        ..Default::default()
+    };
+    let phase = |epochs: usize, kl_scale, noise_lr, sub: &str| FitConfig {
+        epochs,
+        batch_size: config.batch_size,
+        weights: adam(config.lr),
+        noise: adam(noise_lr),
+        constant_epochs: epochs / 2,
+        kl_scale,
+        seed: config.seed,
+        checkpoint: config.checkpoint.as_ref().map(|c| c.join(sub)),
+        progress: config.progress,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let pretrain = phase(config.epochs_pretrain, 0.0, 0.0, "pretrain");
+    let mut history = fit(&mut net, train, &pretrain, |s| {
+        on_epoch("pretrain", s);
+        Ok(())
+    })?;
+    let dense_error = test_error(&net, test, 500)?;
+    let sbp = phase(config.epochs_sbp, 1.0, config.noise_lr, "sbp");
+    history.extend(fit(&mut net, train, &sbp, |s| {
+        on_epoch("sbp", s);
+        Ok(())
+    })?);
+    let train_seconds = start.elapsed().as_secs_f64();
+
+    let small = compress(&net, &CompressConfig::default())?;
+    let compressed_error = test_error(&small.net, test, 500)?;
+    let dense_vm = VarMap::new();
+    let dense = model(
+        None,
+        VarBuilder::from_varmap(&dense_vm, DType::F32, &config.device),
+    )?;
+    let dims = dense.input_shape().dims(config.timed_batch);
+    let xs = Tensor::rand(0f32, 1., dims, &config.device)?;
+    let speedup = time_forward(&dense, &xs, 30)? / time_forward(&small.net, &xs, 30)?;
+    let r = &small.report;
+    let report = ExperimentReport {
+        model: config.model.clone(),
+        dataset: config.dataset.clone(),
+        seed: config.seed,
+        epochs_pretrain: config.epochs_pretrain,
+        epochs_sbp: config.epochs_sbp,
+        train_seconds,
+        dense_error,
+        compressed_error,
+        units_before: r.layers.iter().map(|l| l.units_before).collect(),
+        units_after: r.layers.iter().map(|l| l.units_after).collect(),
+        params_before: r.params_before,
+        params_after: r.params_after,
+        macs_before: r.macs_before,
+        macs_after: r.macs_after,
+        speedup_measured: speedup,
+        batch_size_timed: config.timed_batch,
+        history,
+    };
+    Ok((report, small))
+}
