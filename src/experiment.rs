@@ -66,6 +66,39 @@ impl Default for ExperimentConfig {
     }
 }
 
+/// What [`run`] returns.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The report (the examples' JSON).
+    pub report: ExperimentReport,
+    /// The compressed network with its per-layer report.
+    pub compressed: Compressed,
+    /// The noise layers of the trained network: name and units.
+    pub noise_layers: Vec<(String, usize)>,
+    /// Their final per-unit SNR.
+    pub snr: Vec<Vec<f64>>,
+}
+
+impl Outcome {
+    /// Draws the run's PNG plot (see [`crate::plot::plot_run`]).
+    pub fn plot(&self, path: &std::path::Path) -> Result<()> {
+        let names: Vec<String> = self.noise_layers.iter().map(|l| l.0.clone()).collect();
+        let units: Vec<usize> = self.noise_layers.iter().map(|l| l.1).collect();
+        // Only the SBP phase has units to follow.
+        let sbp: Vec<_> = self.report.history
+            [self.report.epochs_pretrain.min(self.report.history.len())..]
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(k, mut s)| {
+                s.epoch = k;
+                s
+            })
+            .collect();
+        crate::plot::plot_run(path, &sbp, &names, &units, &self.snr)
+    }
+}
+
 /// Pretrains `model` densely (no KL, noise frozen at `log σ = -5`, so `θ ≈ 1`), trains it
 /// with SBP, compresses it, and measures test errors and the eval speed-up of the
 /// compressed over the dense network. `on_epoch` sees every epoch of both phases.
@@ -75,7 +108,7 @@ pub fn run(
     test: &ImageSet,
     config: &ExperimentConfig,
     mut on_epoch: impl FnMut(&str, &EpochStats),
-) -> Result<(ExperimentReport, Compressed)> {
+) -> Result<Outcome> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &config.device);
     let mut net = model(Some(LogNormalDropoutConfig::default()), vb)?;
@@ -111,6 +144,16 @@ pub fn run(
     })?);
     let train_seconds = start.elapsed().as_secs_f64();
 
+    let noise_layers = net
+        .noise_layers()
+        .iter()
+        .map(|(_, l)| (l.name().to_string(), l.num_units()))
+        .collect();
+    let snr = net
+        .noise_layers()
+        .iter()
+        .map(|(_, l)| l.snr())
+        .collect::<Result<Vec<_>>>()?;
     let small = compress(&net, &CompressConfig::default())?;
     let compressed_error = test_error(&small.net, test, 500)?;
     let dense_vm = VarMap::new();
@@ -141,5 +184,10 @@ pub fn run(
         batch_size_timed: config.timed_batch,
         history,
     };
-    Ok((report, small))
+    Ok(Outcome {
+        report,
+        compressed: small,
+        noise_layers,
+        snr,
+    })
 }

@@ -9,6 +9,7 @@ pub mod experiment;
 pub mod layer;
 pub mod models;
 pub mod net;
+pub mod plot;
 pub mod report;
 mod special;
 pub mod surgery;

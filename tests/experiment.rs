@@ -61,7 +61,7 @@ fn short_lenet300_100_run_compresses() {
         ..Default::default()
     };
     let mut epochs = 0;
-    let (report, small) = run(
+    let outcome = run(
         &lenet_300_100,
         &head(&m.train, 3000),
         &head(&m.test, 2000),
@@ -69,6 +69,16 @@ fn short_lenet300_100_run_compresses() {
         |_, _| epochs += 1,
     )
     .unwrap();
+    let (report, small) = (&outcome.report, &outcome.compressed);
+    let png = tempfile::tempdir().unwrap();
+    let plot = png.path().join("run.png");
+    outcome.plot(&plot).unwrap();
+    let bytes = std::fs::read(&plot).unwrap();
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "a real PNG"
+    );
+    std::fs::copy(&plot, std::env::temp_dir().join("candle-sbp-test-plot.png")).unwrap();
     println!(
         "{}\n{:?}",
         small.report,
@@ -79,7 +89,7 @@ fn short_lenet300_100_run_compresses() {
         )
     );
     assert_eq!(epochs, 4);
-    check_json(&report);
+    check_json(report);
     assert_eq!(report.units_before, [1, 300, 100, 10]);
     assert!(
         report.macs_after * 2 < report.macs_before,
@@ -107,14 +117,15 @@ fn short_vgg_run_reports() {
         ..Default::default()
     };
     let model = |sbp: Option<LogNormalDropoutConfig>, vb: VarBuilder<'_>| vgg_like(0.125, sbp, vb);
-    let (report, _) = run(
+    let report = run(
         &model,
         &head(&c.train, 300),
         &head(&c.test, 200),
         &config,
         |_, _| {},
     )
-    .unwrap();
+    .unwrap()
+    .report;
     let json = check_json(&report);
     assert_eq!(json["units_before"].as_array().unwrap().len(), 1 + 13 + 2);
     assert!(report.dense_error <= 1.0 && report.compressed_error <= 1.0);

@@ -38,6 +38,9 @@ pub struct Args {
     /// Where to save the compressed model (default: NAME_compressed.safetensors).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Where to draw the PNG plot (default: NAME.png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// Checkpoint directory: resumes an interrupted run.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -72,7 +75,7 @@ pub fn main_with(
         progress: !args.quiet,
         ..Default::default()
     };
-    let (report, small) = run(model, &train, test, &config, |phase, s| {
+    let outcome = run(model, &train, test, &config, |phase, s| {
         println!(
             "{phase} epoch {}: loss {:.4}, train error {:.2}%, kept {:?} ({:.0} s)",
             s.epoch + 1,
@@ -82,6 +85,7 @@ pub fn main_with(
             s.seconds
         );
     })?;
+    let (report, small) = (&outcome.report, &outcome.compressed);
     let r = &small.report;
     println!("\n{r}");
     println!(
