@@ -178,8 +178,10 @@ impl Adam {
                 theta.clone()
             };
             slot.var.set(&(decayed - (update * c.lr)?)?)?;
-            slot.m = m;
-            slot.v = v;
+            // The moments must never carry autograd history, or each step would keep the
+            // previous steps' graphs alive.
+            slot.m = m.detach();
+            slot.v = v.detach();
         }
         Ok(())
     }

@@ -71,6 +71,8 @@ fn adam_matches_candle_adamw_and_restores_exactly() {
         ours.backward_step(&loss(&a)).unwrap();
         theirs.backward_step(&loss(&b)).unwrap();
     }
+    // The moments hold no autograd history (which would leak memory step after step).
+    assert!(ours.state().0.iter().all(|(_, t)| !t.track_op()));
     let (x, y) = (values(&a), values(&b));
     let worst = x
         .iter()
