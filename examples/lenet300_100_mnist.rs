@@ -5,22 +5,6 @@
 
 mod common;
 
-use anyhow::Context;
-use candle_sbp::data::{data_dir, mnist};
-use candle_sbp::models::lenet_300_100;
-use clap::Parser;
-
 fn main() -> anyhow::Result<()> {
-    let args = common::Args::parse();
-    let dir = data_dir(args.data_dir.as_deref()).join("mnist");
-    let data =
-        mnist::load(&dir).with_context(|| format!("reading MNIST from {}", dir.display()))?;
-    common::main_with(
-        "lenet300_100_mnist",
-        "mnist",
-        &lenet_300_100,
-        &args,
-        data.train,
-        &data.test,
-    )
+    common::mnist_main("lenet300_100_mnist", &candle_sbp::models::lenet_300_100)
 }

@@ -5,22 +5,6 @@
 
 mod common;
 
-use anyhow::Context;
-use candle_sbp::data::{data_dir, mnist};
-use candle_sbp::models::lenet_500_300;
-use clap::Parser;
-
 fn main() -> anyhow::Result<()> {
-    let args = common::Args::parse();
-    let dir = data_dir(args.data_dir.as_deref()).join("mnist");
-    let data =
-        mnist::load(&dir).with_context(|| format!("reading MNIST from {}", dir.display()))?;
-    common::main_with(
-        "lenet500_300_mnist",
-        "mnist",
-        &lenet_500_300,
-        &args,
-        data.train,
-        &data.test,
-    )
+    common::mnist_main("lenet500_300_mnist", &candle_sbp::models::lenet_500_300)
 }

@@ -115,3 +115,15 @@ pub fn main_with(
     );
     Ok(())
 }
+
+/// The whole `main` of an MNIST example: parse the flags, read MNIST, run.
+#[allow(dead_code)] // vgg_cifar10 shares this module but reads CIFAR-10
+pub fn mnist_main(name: &str, model: &ModelFn) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::Parser;
+    let args = Args::parse();
+    let dir = candle_sbp::data::data_dir(args.data_dir.as_deref()).join("mnist");
+    let data = candle_sbp::data::mnist::load(&dir)
+        .with_context(|| format!("reading MNIST from {}", dir.display()))?;
+    main_with(name, "mnist", model, &args, data.train, &data.test)
+}
