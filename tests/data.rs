@@ -156,3 +156,45 @@ fn damaged_cifar_files_are_typed_errors_with_offsets() {
         Err(Error::Io { .. })
     ));
 }
+
+mod random_bytes {
+    use super::idx;
+    use candle_sbp::data::{cifar10, inflate_if_gzip, mnist};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 5000,
+            failure_persistence: None,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(7),
+            ..ProptestConfig::default()
+        })]
+
+        /// Random bytes, and valid headers with random dimensions and bodies: the parsers
+        /// return errors, never panic, and what they accept is consistent.
+        #[test]
+        fn parsers_never_panic(
+            noise in proptest::collection::vec(any::<u8>(), 0..400),
+            dims in proptest::collection::vec(0u32..6, 1..4),
+            cut in 0usize..80,
+        ) {
+            let _ = inflate_if_gzip(noise.clone());
+            let mut gz = vec![0x1f, 0x8b];
+            gz.extend_from_slice(&noise);
+            prop_assert!(inflate_if_gzip(gz).is_err() || noise.len() > 10);
+            let body_len: usize = dims.iter().map(|&d| d as usize).product();
+            let mut file = idx(dims.len() as u8, &dims, &vec![1u8; body_len]);
+            file.truncate(file.len().saturating_sub(cut % 3));
+            for bytes in [&noise, &file] {
+                for rank in 1..4 {
+                    if let Ok((values, shape)) = mnist::parse_idx(bytes, rank) {
+                        prop_assert_eq!(values.len(), shape.iter().product::<usize>());
+                    }
+                }
+                if let Ok(records) = cifar10::parse_batch(bytes) {
+                    prop_assert_eq!(records * cifar10::RECORD, bytes.len());
+                }
+            }
+        }
+    }
+}

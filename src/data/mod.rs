@@ -100,18 +100,18 @@ pub(crate) fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         source,
     })?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| {
-                format_error(
-                    path,
-                    format!("corrupt gzip stream after {} bytes: {e}", out.len()),
-                )
-            })?;
-        Ok(out)
-    } else {
-        Ok(raw)
+    inflate_if_gzip(raw).map_err(|reason| format_error(path, reason))
+}
+
+/// `bytes` inflated if they start with the gzip magic, else unchanged; the error says how
+/// far the stream decoded.
+pub fn inflate_if_gzip(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(bytes);
     }
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(bytes.as_slice())
+        .read_to_end(&mut out)
+        .map_err(|e| format!("corrupt gzip stream after {} bytes: {e}", out.len()))?;
+    Ok(out)
 }
