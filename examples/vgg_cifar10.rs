@@ -26,6 +26,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = data_dir(args.common.data_dir.as_deref()).join("cifar10");
+    #[cfg(feature = "download")]
+    candle_sbp::data::download::ensure_cifar10(&dir)?;
     let data =
         cifar10::load(&dir).with_context(|| format!("reading CIFAR-10 from {}", dir.display()))?;
     let width = args.width;

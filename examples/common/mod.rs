@@ -123,6 +123,8 @@ pub fn mnist_main(name: &str, model: &ModelFn) -> anyhow::Result<()> {
     use clap::Parser;
     let args = Args::parse();
     let dir = candle_sbp::data::data_dir(args.data_dir.as_deref()).join("mnist");
+    #[cfg(feature = "download")]
+    candle_sbp::data::download::ensure_mnist(&dir)?;
     let data = candle_sbp::data::mnist::load(&dir)
         .with_context(|| format!("reading MNIST from {}", dir.display()))?;
     main_with(name, "mnist", model, &args, data.train, &data.test)

@@ -4,6 +4,8 @@
 //! file and the byte offset.
 
 pub mod cifar10;
+#[cfg(feature = "download")]
+pub mod download;
 pub mod mnist;
 
 use std::io::Read;
