@@ -57,7 +57,7 @@ impl Default for ExperimentConfig {
             seed: 0,
             batch_size: 100,
             lr: 1e-3,
-            noise_lr: 1e-2,
+            noise_lr: 0.05,
             checkpoint: None,
             progress: true,
             timed_batch: 100,

@@ -23,8 +23,9 @@ pub struct Args {
     /// Learning rate of the weights.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Learning rate of the noise parameters.
-    #[arg(long, default_value_t = 1e-2)]
+    /// Learning rate of the noise parameters (above the weights', so that pruning shows
+    /// within a short run).
+    #[arg(long, default_value_t = 0.05)]
     pub noise_lr: f64,
     /// Use only the first N training images (0: all).
     #[arg(long, default_value_t = 0)]
@@ -105,13 +106,19 @@ pub fn main_with(
         .out
         .clone()
         .unwrap_or_else(|| format!("{name}_compressed.safetensors").into());
-    let json = serde_json::to_string_pretty(&report)?;
+    let plot = args
+        .plot
+        .clone()
+        .unwrap_or_else(|| format!("{name}.png").into());
+    let json = serde_json::to_string_pretty(report)?;
     candle_sbp::net::write_atomic(&report_path, json.as_bytes())?;
     small.net.save(&out)?;
+    outcome.plot(&plot)?;
     println!(
-        "report: {}; compressed model: {}",
+        "report: {}; compressed model: {}; plot: {}",
         report_path.display(),
-        out.display()
+        out.display(),
+        plot.display()
     );
     Ok(())
 }
