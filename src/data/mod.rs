@@ -49,6 +49,17 @@ impl ImageSet {
     /// and their labels as a `(n,)` u32 tensor.
     pub fn batch(&self, indices: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
         let per = self.image_len();
+        if self.pixels.len() != self.len() * per {
+            return Err(Error::InvalidValue {
+                name: "ImageSet::pixels".into(),
+                value: self.pixels.len() as f64,
+                reason: format!(
+                    "{} labels of {per}-value images need {} pixels",
+                    self.len(),
+                    self.len() * per
+                ),
+            });
+        }
         let mut xs = Vec::with_capacity(indices.len() * per);
         let mut ys = Vec::with_capacity(indices.len());
         for &i in indices {
