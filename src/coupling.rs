@@ -50,6 +50,9 @@ pub struct CouplingGroup {
     pub producers: Vec<GroupMember>,
     /// Noise layers on the group's units (their SNR scores the units).
     pub noise: Vec<GroupMember>,
+    /// Element-wise activations on the group's units (where activation statistics are
+    /// gathered), in node order.
+    pub activations: Vec<GroupMember>,
     /// Every parameter slice that loses a unit's entries.
     pub slices: Vec<ParamSlice>,
     /// False for the network's outputs, which are never pruned.
@@ -202,6 +205,7 @@ fn build_group(
     };
     let mut producers = Vec::new();
     let mut noise = Vec::new();
+    let mut activations = Vec::new();
     let mut slices = Vec::new();
     let mut slice = |i: usize, param: &str, axis: usize, indices: &Vec<Vec<usize>>| {
         if net.param(i, param).is_some() {
@@ -234,6 +238,7 @@ fn build_group(
                     slice(i, p, 0, idx);
                 }
             }
+            Op::Activation { .. } => activations.push(member(i, idx)),
             Op::Scale => slice(i, "scale", 0, idx),
             Op::Shift { .. } => slice(i, "shift", 0, idx),
             _ => {}
@@ -255,6 +260,7 @@ fn build_group(
         prunable: !per_node.contains_key(&(n - 1)),
         producers,
         noise,
+        activations,
         slices,
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod compress;
 pub mod coupling;
+pub mod criteria;
 pub mod data;
 pub mod error;
 pub mod experiment;
@@ -11,6 +12,7 @@ pub mod models;
 pub mod net;
 pub mod plot;
 pub mod report;
+pub mod schedule;
 mod special;
 pub mod surgery;
 pub mod train;
