@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::layer::LogNormalDropoutConfig;
 use crate::net::Net;
 use crate::report::{test_error, time_forward, ExperimentReport};
-use crate::train::{fit, AdamConfig, EpochStats, FitConfig};
+use crate::train::{fit, AdamConfig, EpochStats, FitConfig, Flow};
 
 /// Builds a model with (`Some`) or without (`None`) noise layers.
 pub type ModelFn = dyn Fn(Option<LogNormalDropoutConfig>, VarBuilder) -> Result<Net>;
@@ -132,15 +132,15 @@ pub fn run(
     };
     let start = Instant::now();
     let pretrain = phase(config.epochs_pretrain, 0.0, 0.0, "pretrain");
-    let mut history = fit(&mut net, train, &pretrain, |s| {
+    let mut history = fit(&mut net, train, &pretrain, |_, s| {
         on_epoch("pretrain", s);
-        Ok(())
+        Ok(Flow::Continue)
     })?;
     let dense_error = test_error(&net, test, 500)?;
     let sbp = phase(config.epochs_sbp, 1.0, config.noise_lr, "sbp");
-    history.extend(fit(&mut net, train, &sbp, |s| {
+    history.extend(fit(&mut net, train, &sbp, |_, s| {
         on_epoch("sbp", s);
-        Ok(())
+        Ok(Flow::Continue)
     })?);
     let train_seconds = start.elapsed().as_secs_f64();
 

@@ -54,3 +54,297 @@ pub fn iterative_cycles(p: f64, target: f64) -> Result<usize> {
     }
     Ok(cycles)
 }
+
+use candle::{Tensor, Var};
+
+use crate::coupling::{coupling_groups, CouplingGroup};
+use crate::criteria::{select, ActivationStats, Criterion, Selection};
+use crate::data::ImageSet;
+use crate::net::Net;
+use crate::report::test_error;
+use crate::train::{fit, EpochStats, FitConfig, Flow};
+
+/// A copy of every parameter's values, for rewinding.
+#[derive(Debug, Clone)]
+pub struct Snapshot(Vec<(String, Tensor)>);
+
+impl Snapshot {
+    /// Copies `net`'s parameters.
+    pub fn take(net: &Net) -> Result<Self> {
+        Ok(Self(
+            net.named_params()
+                .into_iter()
+                .map(|(n, t)| Ok((n, t.copy()?)))
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    /// Writes the copied values back into `net` (whose parameters must be variables).
+    pub fn restore(&self, net: &Net) -> Result<()> {
+        for ((name, dst), (_, src)) in net.named_params().into_iter().zip(&self.0) {
+            if !dst.is_variable() {
+                return Err(Error::InvalidConfig {
+                    layer: name,
+                    reason: "not a variable: cannot rewind".into(),
+                });
+            }
+            Var::from_tensor(&dst)?.set(src)?;
+        }
+        Ok(())
+    }
+
+    /// The copied values, by full parameter name.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.0
+    }
+}
+
+/// The groups a schedule prunes: every prunable group with weights (not the input).
+pub fn prunable_groups(net: &Net) -> Vec<CouplingGroup> {
+    coupling_groups(net)
+        .into_iter()
+        .filter(|g| g.prunable && g.producers.iter().all(|p| p.index != 0))
+        .collect()
+}
+
+fn current_keeps(net: &Net, groups: &[CouplingGroup]) -> Vec<Vec<bool>> {
+    groups
+        .iter()
+        .map(|g| {
+            (0..g.units)
+                .map(|u| {
+                    g.producers.iter().all(|p| {
+                        net.mask(p.index)
+                            .is_none_or(|m| p.units[u].iter().any(|&j| m[j]))
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Scores every group with `criterion` (gathering activation statistics over `data` when
+/// it needs them), selects, and masks the units that go. Returns the new keep masks.
+pub fn prune_step(
+    net: &mut Net,
+    groups: &[CouplingGroup],
+    criterion: &dyn Criterion,
+    data: &ImageSet,
+    selection: Selection,
+    min_units: usize,
+) -> Result<Vec<Vec<bool>>> {
+    let needs_stats = matches!(criterion.name().as_str(), "mean_activation" | "apoz");
+    let stats = if needs_stats {
+        Some(ActivationStats::gather(net, groups, data, 500, false)?)
+    } else {
+        None
+    };
+    let scores = groups
+        .iter()
+        .map(|g| criterion.scores(net, g, stats.as_ref()))
+        .collect::<Result<Vec<_>>>()?;
+    let current = current_keeps(net, groups);
+    let keep = select(&scores, &current, selection, min_units)?;
+    for (g, k) in groups.iter().zip(&keep) {
+        net.set_group_mask(g, k)?;
+    }
+    Ok(keep)
+}
+
+/// Fraction of the groups' units still kept.
+pub fn kept_fraction(keeps: &[Vec<bool>]) -> f64 {
+    let total: usize = keeps.iter().map(|k| k.len()).sum();
+    let kept = keeps.iter().flatten().filter(|&&k| k).count();
+    kept as f64 / total.max(1) as f64
+}
+
+/// Trains with early stopping on `val` error (patience in epochs), restoring the best
+/// epoch's weights; returns the history and the best validation error.
+pub fn fit_early_stopping(
+    net: &mut Net,
+    train: &ImageSet,
+    val: &ImageSet,
+    config: &FitConfig,
+    patience: usize,
+) -> Result<(Vec<EpochStats>, f64)> {
+    let mut best = (f64::INFINITY, Snapshot::take(net)?);
+    let mut since = 0;
+    let history = fit(net, train, config, |net, _| {
+        let err = test_error(net, val, 500)?;
+        if err < best.0 {
+            best = (err, Snapshot::take(net)?);
+            since = 0;
+        } else {
+            since += 1;
+        }
+        Ok(if since >= patience.max(1) {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    })?;
+    best.1.restore(net)?;
+    Ok((history, best.0))
+}
+
+/// What happens to the surviving weights between cycles of [`iterative`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Between {
+    /// Back to their values before the first cycle (DropNet's default).
+    Rewind,
+    /// Fresh seeded values.
+    Reinitialize {
+        /// The seed (plus the cycle).
+        seed: u64,
+    },
+    /// Keep training from where they are.
+    Continue,
+}
+
+/// Options of [`iterative`] (DropNet's schedule).
+#[derive(Debug, Clone)]
+pub struct IterativeConfig {
+    /// Training per cycle; `epochs` is the most epochs a cycle may take.
+    pub fit: FitConfig,
+    /// Early-stopping patience in epochs (DropNet: 5).
+    pub patience: usize,
+    /// Per cycle: `PerLayer { drop }` or `Global { drop, .. }` (DropNet: drop 0.2).
+    pub selection: Selection,
+    /// Stop once at most this fraction of the units is kept.
+    pub target_keep: f64,
+    /// Stop once validation accuracy falls below `kappa` times the first cycle's (the
+    /// network before that cycle's pruning is restored).
+    pub kappa: f64,
+    /// What the surviving weights do between cycles.
+    pub between: Between,
+    /// Units every group keeps.
+    pub min_units: usize,
+    /// A bound on the number of cycles.
+    pub max_cycles: usize,
+}
+
+/// One cycle of [`iterative`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CycleStats {
+    /// The cycle (0-based).
+    pub cycle: usize,
+    /// Epochs trained.
+    pub epochs: usize,
+    /// Validation accuracy after training.
+    pub val_accuracy: f64,
+    /// Fraction of units kept while training this cycle.
+    pub kept_fraction: f64,
+    /// Units kept per group while training this cycle.
+    pub units_kept: Vec<usize>,
+}
+
+/// DropNet's iterative schedule: repeat { train with early stopping; drop a fraction of the
+/// remaining units by `criterion` } until the target or the accuracy floor is reached.
+/// `on_cycle` sees each cycle after its weights were rewound (or not). Returns the cycles;
+/// the network ends trained, with the last accepted masks.
+pub fn iterative(
+    net: &mut Net,
+    train: &ImageSet,
+    val: &ImageSet,
+    criterion: &dyn Criterion,
+    config: &IterativeConfig,
+    mut on_cycle: impl FnMut(&Net, &CycleStats) -> Result<()>,
+) -> Result<Vec<CycleStats>> {
+    check(0.0, config.target_keep, config.kappa.clamp(0.0, 1.0))?;
+    let groups = prunable_groups(net);
+    let initial = Snapshot::take(net)?;
+    let mut cycles = Vec::new();
+    let mut first_accuracy = None;
+    let mut accepted: Option<(Snapshot, std::collections::BTreeMap<String, Vec<bool>>)> = None;
+    for cycle in 0..config.max_cycles.max(1) {
+        let keeps = current_keeps(net, &groups);
+        let (history, err) = fit_early_stopping(net, train, val, &config.fit, config.patience)?;
+        let stats = CycleStats {
+            cycle,
+            epochs: history.len(),
+            val_accuracy: 1.0 - err,
+            kept_fraction: kept_fraction(&keeps),
+            units_kept: keeps
+                .iter()
+                .map(|k| k.iter().filter(|&&v| v).count())
+                .collect(),
+        };
+        let first = *first_accuracy.get_or_insert(stats.val_accuracy);
+        if stats.val_accuracy < config.kappa * first {
+            // Back to the last accepted network: its weights and its masks.
+            if let Some((weights, masks)) = &accepted {
+                weights.restore(net)?;
+                net.clear_masks();
+                for (name, keep) in masks {
+                    net.set_mask(name, keep)?;
+                }
+            }
+            cycles.push(stats);
+            break;
+        }
+        accepted = Some((Snapshot::take(net)?, net.masks()));
+        let done = stats.kept_fraction <= config.target_keep;
+        cycles.push(stats.clone());
+        if done {
+            on_cycle(net, &stats)?;
+            break;
+        }
+        prune_step(
+            net,
+            &groups,
+            criterion,
+            train,
+            config.selection,
+            config.min_units,
+        )?;
+        match config.between {
+            Between::Rewind => initial.restore(net)?,
+            Between::Reinitialize { seed } => {
+                net.reset_parameters(seed.wrapping_add(cycle as u64))?
+            }
+            Between::Continue => {}
+        }
+        on_cycle(net, &stats)?;
+    }
+    Ok(cycles)
+}
+
+/// Gradual pruning during training: after each epoch, prunes by `criterion` up to the
+/// sparsity `sparsity(t)` (`t` = fraction of epochs done; for instance
+/// [`agp_sparsity`] or [`one_cycle_sparsity`]), ranking per layer or globally.
+pub fn gradual(
+    net: &mut Net,
+    train: &ImageSet,
+    config: &FitConfig,
+    criterion: &dyn Criterion,
+    sparsity: impl Fn(f64) -> Result<f64>,
+    global: Option<bool>,
+    min_units: usize,
+) -> Result<Vec<EpochStats>> {
+    let groups = prunable_groups(net);
+    let epochs = config.epochs.max(1);
+    fit(net, train, config, |net, s| {
+        let t = (s.epoch + 1) as f64 / epochs as f64;
+        let keep = 1.0 - sparsity(t)?;
+        let selection = match global {
+            Some(normalize) => Selection::TargetGlobal { keep, normalize },
+            None => Selection::TargetPerLayer { keep },
+        };
+        prune_step(net, &groups, criterion, train, selection, min_units)?;
+        Ok(Flow::Continue)
+    })
+}
+
+/// One-shot pruning: prune once by `criterion` with `selection`, then fine-tune.
+pub fn one_shot(
+    net: &mut Net,
+    train: &ImageSet,
+    criterion: &dyn Criterion,
+    selection: Selection,
+    min_units: usize,
+    fine_tune: &FitConfig,
+) -> Result<Vec<EpochStats>> {
+    let groups = prunable_groups(net);
+    prune_step(net, &groups, criterion, train, selection, min_units)?;
+    fit(net, train, fine_tune, |_, _| Ok(Flow::Continue))
+}

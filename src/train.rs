@@ -252,6 +252,15 @@ pub fn check_finite(net: &Net) -> Result<()> {
     Ok(())
 }
 
+/// What [`fit`] does after an epoch's callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on training.
+    Continue,
+    /// Stop here (early stopping); the epoch's checkpoint is already written.
+    Stop,
+}
+
 /// Options of [`fit`].
 #[derive(Debug, Clone)]
 pub struct FitConfig {
@@ -327,7 +336,7 @@ struct Manifest {
 }
 
 /// Trains `net` on `data` with the SBP objective (see [`FitConfig`]), calling `on_epoch`
-/// after each epoch. With a checkpoint directory, every epoch ends with an atomic
+/// after each epoch with the network (a gradual pruning schedule sets its masks there). With a checkpoint directory, every epoch ends with an atomic
 /// checkpoint, and a run that finds one resumes after its last finished epoch with the
 /// same weights, optimiser state and history. A non-finite loss stops the run with
 /// [`Error::Diverged`] naming the step and the first parameter that is not finite.
@@ -335,7 +344,7 @@ pub fn fit(
     net: &mut Net,
     data: &ImageSet,
     config: &FitConfig,
-    mut on_epoch: impl FnMut(&EpochStats) -> Result<()>,
+    mut on_epoch: impl FnMut(&mut Net, &EpochStats) -> Result<Flow>,
 ) -> Result<Vec<EpochStats>> {
     if config.batch_size == 0 || data.is_empty() {
         return Err(Error::InvalidValue {
@@ -431,7 +440,9 @@ pub fn fit(
         if let Some(dir) = &config.checkpoint {
             write_checkpoint(dir, net, &opt, &history)?;
         }
-        on_epoch(&stats)?;
+        if on_epoch(net, &stats)? == Flow::Stop {
+            break;
+        }
     }
     Ok(history)
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use candle_sbp::models::lenet_mlp;
-use candle_sbp::train::{check_finite, elbo, linear_decay_factor, Adam, AdamConfig};
+use candle_sbp::train::{check_finite, elbo, linear_decay_factor, Adam, AdamConfig, Flow};
 use candle_sbp::{Error, LogNormalDropoutConfig, Net};
 
 fn mlp(varmap: &VarMap) -> Net {
@@ -211,7 +211,7 @@ mod fitting {
         let data = synthetic(400);
         let straight = VarMap::new();
         let mut a = mlp(&straight);
-        let history = fit(&mut a, &data, &config(3, None), |_| Ok(())).unwrap();
+        let history = fit(&mut a, &data, &config(3, None), |_, _| Ok(Flow::Continue)).unwrap();
         assert_eq!(history.len(), 3);
         assert!(history[2].train_error < 0.2, "{history:?}");
 
@@ -221,7 +221,7 @@ mod fitting {
         let mut b = mlp(&vm);
         // "Interrupted" after the second epoch.
         let mut seen = 0;
-        let stop = fit(&mut b, &data, &config(3, Some(ckpt.clone())), |s| {
+        let stop = fit(&mut b, &data, &config(3, Some(ckpt.clone())), |_, s| {
             seen += 1;
             if s.epoch == 1 {
                 Err(Error::InvalidConfig {
@@ -229,7 +229,7 @@ mod fitting {
                     reason: "interrupt".into(),
                 })
             } else {
-                Ok(())
+                Ok(Flow::Continue)
             }
         });
         assert!(stop.is_err() && seen == 2);
@@ -244,7 +244,10 @@ mod fitting {
         );
         let vm2 = VarMap::new();
         let mut c = mlp(&vm2);
-        let resumed = fit(&mut c, &data, &config(3, Some(ckpt)), |_| Ok(())).unwrap();
+        let resumed = fit(&mut c, &data, &config(3, Some(ckpt)), |_, _| {
+            Ok(Flow::Continue)
+        })
+        .unwrap();
         assert_eq!(resumed.len(), 3);
         assert_eq!(
             resumed[..2].iter().map(|s| s.loss).collect::<Vec<_>>(),
@@ -270,7 +273,9 @@ mod fitting {
             .unwrap()
             .set(&Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap())
             .unwrap();
-        match fit(&mut net, &synthetic(100), &config(1, None), |_| Ok(())) {
+        match fit(&mut net, &synthetic(100), &config(1, None), |_, _| {
+            Ok(Flow::Continue)
+        }) {
             Err(Error::Diverged {
                 epoch,
                 step,
@@ -310,7 +315,7 @@ mod fitting {
             constant_epochs: 4,
             ..config(4, None)
         };
-        let history = fit(&mut net, &sub, &cfg, |_| Ok(())).unwrap();
+        let history = fit(&mut net, &sub, &cfg, |_, _| Ok(Flow::Continue)).unwrap();
         let idx: Vec<usize> = (0..1000).collect();
         let (xs, ys) = m.test.batch(&idx, &Device::Cpu).unwrap();
         let pred = net.forward_t(&xs, false).unwrap().argmax(1).unwrap();

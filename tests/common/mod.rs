@@ -385,3 +385,21 @@ pub fn real_data(sub: &str) -> Option<PathBuf> {
     );
     None
 }
+
+/// Learnable 28×28 images: class `c` lights up row `2c`.
+pub fn synthetic_images(n: usize, offset: usize) -> candle_sbp::data::ImageSet {
+    let mut pixels = vec![0u8; n * 784];
+    let labels: Vec<u8> = (0..n).map(|i| ((i + offset) % 10) as u8).collect();
+    for (i, &c) in labels.iter().enumerate() {
+        for x in 0..28 {
+            pixels[i * 784 + (c as usize * 2) * 28 + x] = 150 + ((i * 7 + x) % 100) as u8;
+        }
+    }
+    candle_sbp::data::ImageSet {
+        pixels,
+        labels,
+        channels: 1,
+        height: 28,
+        width: 28,
+    }
+}

@@ -1,0 +1,179 @@
+//! The pruning schedules on a small MLP and learnable synthetic data.
+
+mod common;
+
+use candle::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use candle_sbp::criteria::{MeanActivation, Selection, WeightNorm};
+use candle_sbp::models::lenet_mlp;
+use candle_sbp::schedule::{
+    agp_sparsity, fit_early_stopping, gradual, iterative, one_shot, prunable_groups, Between,
+    IterativeConfig, Snapshot,
+};
+use candle_sbp::train::{AdamConfig, FitConfig};
+use candle_sbp::{compress, CompressConfig, Net};
+use common::synthetic_images;
+
+fn mlp(vm: &VarMap) -> Net {
+    let net = lenet_mlp(
+        &[20, 10],
+        None,
+        VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    net.reset_parameters(4).unwrap();
+    net
+}
+
+fn fit_config(epochs: usize) -> FitConfig {
+    FitConfig {
+        epochs,
+        batch_size: 50,
+        weights: AdamConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
+        constant_epochs: epochs,
+        kl_scale: 0.0,
+        seed: 2,
+        progress: false,
+        ..Default::default()
+    }
+}
+
+fn kept(net: &Net) -> usize {
+    prunable_groups(net)
+        .iter()
+        .map(|g| {
+            net.mask(g.producers[0].index)
+                .map_or(g.units, |m| m.iter().filter(|&&k| k).count())
+        })
+        .sum()
+}
+
+#[test]
+fn iterative_rewinds_the_surviving_weights_exactly() {
+    let (train, val) = (synthetic_images(300, 0), synthetic_images(100, 3));
+    let vm = VarMap::new();
+    let mut net = mlp(&vm);
+    let initial = Snapshot::take(&net).unwrap();
+    let config = IterativeConfig {
+        fit: fit_config(4),
+        patience: 2,
+        selection: Selection::PerLayer { drop: 0.2 },
+        target_keep: 0.5,
+        kappa: 0.5,
+        between: Between::Rewind,
+        min_units: 1,
+        max_cycles: 10,
+    };
+    let mut rewound = 0;
+    let cycles = iterative(
+        &mut net,
+        &train,
+        &val,
+        &MeanActivation,
+        &config,
+        |net, c| {
+            if c.kept_fraction > 0.5 {
+                for ((name, now), (_, then)) in net.named_params().iter().zip(initial.params()) {
+                    let (a, b) = (
+                        now.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        then.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
+                    assert!(a == b, "{name} was not rewound");
+                }
+                rewound += 1;
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    println!("{cycles:?}");
+    assert!(rewound >= 3, "{rewound}");
+    // 30 units: 24, 19 (rounding per layer), ... until at most half is left.
+    let fractions: Vec<f64> = cycles.iter().map(|c| c.kept_fraction).collect();
+    assert!(fractions.windows(2).all(|w| w[1] < w[0]), "{fractions:?}");
+    assert!(*fractions.last().unwrap() <= 0.5);
+    assert!(cycles[0].val_accuracy > 0.9, "{:?}", cycles[0]);
+    let small = compress(&net, &CompressConfig::default()).unwrap();
+    assert_eq!(
+        small.report.layer("fc1").unwrap().units_after
+            + small.report.layer("fc2").unwrap().units_after,
+        kept(&net)
+    );
+
+    // Without rewinding the weights move on.
+    let vm = VarMap::new();
+    let mut net = mlp(&vm);
+    let config = IterativeConfig {
+        between: Between::Continue,
+        max_cycles: 2,
+        ..config
+    };
+    iterative(
+        &mut net,
+        &train,
+        &val,
+        &WeightNorm::l1(),
+        &config,
+        |net, _| {
+            let moved = net
+                .named_params()
+                .iter()
+                .zip(initial.params())
+                .any(|((_, a), (_, b))| {
+                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                        != b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                });
+            assert!(moved);
+            Ok(())
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn gradual_and_one_shot_reach_their_targets() {
+    let train = synthetic_images(300, 0);
+    let vm = VarMap::new();
+    let mut net = mlp(&vm);
+    let history = gradual(
+        &mut net,
+        &train,
+        &fit_config(4),
+        &WeightNorm::l1(),
+        |t| agp_sparsity(t, 0.0, 0.6),
+        None,
+        1,
+    )
+    .unwrap();
+    assert_eq!(history.len(), 4);
+    // 40% of 20 and of 10 units: 8 + 4.
+    assert_eq!(kept(&net), 12);
+
+    let vm = VarMap::new();
+    let mut net = mlp(&vm);
+    one_shot(
+        &mut net,
+        &train,
+        &WeightNorm::l2(),
+        Selection::TargetGlobal {
+            keep: 0.5,
+            normalize: true,
+        },
+        2,
+        &fit_config(1),
+    )
+    .unwrap();
+    assert_eq!(kept(&net), 15);
+
+    // Early stopping never trains past the limit and restores the best epoch.
+    let vm = VarMap::new();
+    let mut net = mlp(&vm);
+    let val = synthetic_images(100, 5);
+    let (h, best) = fit_early_stopping(&mut net, &train, &val, &fit_config(6), 1).unwrap();
+    assert!(h.len() <= 6 && best < 0.5, "{best}");
+    let now = candle_sbp::report::test_error(&net, &val, 100).unwrap();
+    assert_eq!(now, best);
+}
