@@ -239,9 +239,10 @@ pub struct CycleStats {
 }
 
 /// DropNet's iterative schedule: repeat { train with early stopping; drop a fraction of the
-/// remaining units by `criterion` } until the target or the accuracy floor is reached.
-/// `on_cycle` sees each cycle after its weights were rewound (or not). Returns the cycles;
-/// the network ends trained, with the last accepted masks.
+/// remaining units by `criterion` } until the target, the accuracy floor or `max_cycles`
+/// is reached. `on_cycle` sees the trained network of each cycle, before its pruning (the
+/// place to measure test accuracy). Returns the cycles. The network ends trained if a
+/// target or the floor stopped it, and pruned and rewound (or not) if `max_cycles` did.
 pub fn iterative(
     net: &mut Net,
     train: &ImageSet,
@@ -284,9 +285,9 @@ pub fn iterative(
         }
         accepted = Some((Snapshot::take(net)?, net.masks()));
         let done = stats.kept_fraction <= config.target_keep;
-        cycles.push(stats.clone());
+        on_cycle(net, &stats)?;
+        cycles.push(stats);
         if done {
-            on_cycle(net, &stats)?;
             break;
         }
         prune_step(
@@ -304,7 +305,6 @@ pub fn iterative(
             }
             Between::Continue => {}
         }
-        on_cycle(net, &stats)?;
     }
     Ok(cycles)
 }
