@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod compare;
 pub mod compress;
 pub mod coupling;
 pub mod criteria;

@@ -38,6 +38,11 @@ pub fn plot_run(
     units: &[usize],
     snr: &[Vec<f64>],
 ) -> Result<()> {
+    atomic_png(path, |tmp| draw(tmp, history, layers, units, snr))
+}
+
+/// Draws into a temporary file beside `path` and renames it over `path`.
+fn atomic_png(path: &Path, draw: impl FnOnce(&Path) -> DrawResult) -> Result<()> {
     register_font();
     let dir = path
         .parent()
@@ -48,7 +53,7 @@ pub fn plot_run(
         .ok_or_else(|| plot_error(path, "not a file path"))?
         .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}.png", std::process::id()));
-    let drawn = draw(&tmp, history, layers, units, snr).map_err(|e| plot_error(path, e));
+    let drawn = draw(&tmp).map_err(|e| plot_error(path, e));
     let renamed = drawn.and_then(|()| {
         std::fs::rename(&tmp, path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
@@ -147,6 +152,75 @@ fn draw(
         vec![(0.0, 0.0), (0.0, top)],
         BLACK.stroke_width(2),
     ))?;
+    root.present()?;
+    Ok(())
+}
+
+/// Draws test accuracy against the fraction of units kept (left) and of MACs kept (right),
+/// one curve per method, to a 1200×500 PNG at `path` (written atomically).
+pub fn plot_comparison(path: &Path, points: &[crate::compare::ComparePoint]) -> Result<()> {
+    atomic_png(path, |tmp| draw_comparison(tmp, points))
+}
+
+fn draw_comparison(path: &Path, points: &[crate::compare::ComparePoint]) -> DrawResult {
+    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(600);
+    let mut methods: Vec<&str> = Vec::new();
+    for p in points {
+        if !methods.contains(&p.method.as_str()) {
+            methods.push(&p.method);
+        }
+    }
+    let lo = points
+        .iter()
+        .map(|p| p.test_accuracy)
+        .fold(1.0f64, f64::min)
+        .min(0.9);
+    for (area, title, pick) in [
+        (&left, "accuracy vs units kept", 0usize),
+        (&right, "accuracy vs MACs kept", 1usize),
+    ] {
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0f64..1.02, (lo - 0.01)..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc(if pick == 0 {
+                "fraction of hidden units kept"
+            } else {
+                "fraction of MACs kept"
+            })
+            .y_desc("test accuracy")
+            .draw()?;
+        for (k, m) in methods.iter().enumerate() {
+            let color = Palette99::pick(k).to_rgba();
+            let pts: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|p| p.method == *m)
+                .map(|p| {
+                    let x = if pick == 0 { p.units_kept } else { p.macs_kept };
+                    (x, p.test_accuracy)
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(m.to_string())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
     root.present()?;
     Ok(())
 }

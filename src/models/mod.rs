@@ -57,6 +57,11 @@ pub fn lenet_mlp(
     b.build(x)
 }
 
+/// DropNet's "Model A" (Tan & Motani 2020): 784-40-40-10.
+pub fn dropnet_model_a(sbp: Option<LogNormalDropoutConfig>, vb: VarBuilder) -> Result<Net> {
+    lenet_mlp(&[40, 40], sbp, vb)
+}
+
 /// LeNet-300-100 (784-300-100-10).
 pub fn lenet_300_100(sbp: Option<LogNormalDropoutConfig>, vb: VarBuilder) -> Result<Net> {
     lenet_mlp(&[300, 100], sbp, vb)
