@@ -326,13 +326,13 @@ fn forward_states(
             &Op::Shift { per_position } => {
                 let s = vec_f64(net.param(i, "shift").expect("shift"))?;
                 if per_position {
-                    ins[0].iter().map(|_| Slot::Live).collect::<Vec<_>>()
+                    // A per-position shift turns a constant channel into a fixed map: live.
+                    vec![Slot::Live; units]
                 } else {
                     map_consts(ins[0], |j, v| v + s[j])
                 }
             }
         };
-        // A per-position shift turns a constant channel into a fixed map; treat it as live.
         if let Some(mask) = net.mask(i) {
             for (s, &k) in out.iter_mut().zip(mask) {
                 if !k {

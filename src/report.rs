@@ -32,6 +32,15 @@ pub struct LayerStats {
     pub macs: u64,
 }
 
+/// Values in node `i`'s parameters.
+fn node_params(net: &Net, i: usize) -> usize {
+    net.param_names(i)
+        .iter()
+        .filter_map(|p| net.param(i, p))
+        .map(|t| t.elem_count())
+        .sum()
+}
+
 /// Per-layer size and cost of `net`: the input, then each Conv2d and Linear, in order.
 pub fn layer_stats(net: &Net) -> Vec<LayerStats> {
     let shapes = net.shapes();
@@ -42,13 +51,6 @@ pub fn layer_stats(net: &Net) -> Vec<LayerStats> {
         .filter_map(|(i, node)| {
             let out = shapes[i];
             let input = node.inputs.first().map_or(out, |&j| shapes[j]);
-            let params = || {
-                net.param_names(i)
-                    .iter()
-                    .filter_map(|p| net.param(i, p))
-                    .map(|t| t.elem_count())
-                    .sum()
-            };
             let (kind, macs) = match &node.op {
                 Op::Input { .. } => ("input", 0),
                 &Op::Conv2d { kernel, groups, .. } => (
@@ -67,7 +69,7 @@ pub fn layer_stats(net: &Net) -> Vec<LayerStats> {
                     input.units()
                 },
                 units: out.units(),
-                params: if kind == "input" { 0 } else { params() },
+                params: node_params(net, i),
                 macs,
             })
         })
@@ -81,12 +83,9 @@ pub fn inference_params(net: &Net) -> usize {
         .iter()
         .enumerate()
         .map(|(i, node)| match node.op {
-            Op::Conv2d { .. } | Op::Linear { .. } | Op::Scale | Op::Shift { .. } => net
-                .param_names(i)
-                .iter()
-                .filter_map(|p| net.param(i, p))
-                .map(|t| t.elem_count())
-                .sum(),
+            Op::Conv2d { .. } | Op::Linear { .. } | Op::Scale | Op::Shift { .. } => {
+                node_params(net, i)
+            }
             Op::BatchNorm { affine: true, .. } => 2 * net.shapes()[i].units(),
             _ => 0,
         })

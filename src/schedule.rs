@@ -55,7 +55,7 @@ pub fn iterative_cycles(p: f64, target: f64) -> Result<usize> {
     Ok(cycles)
 }
 
-use candle::{Tensor, Var};
+use candle::Tensor;
 
 use crate::coupling::{coupling_groups, CouplingGroup};
 use crate::criteria::{select, ActivationStats, Criterion, Selection};
@@ -81,16 +81,7 @@ impl Snapshot {
 
     /// Writes the copied values back into `net` (whose parameters must be variables).
     pub fn restore(&self, net: &Net) -> Result<()> {
-        for ((name, dst), (_, src)) in net.named_params().into_iter().zip(&self.0) {
-            if !dst.is_variable() {
-                return Err(Error::InvalidConfig {
-                    layer: name,
-                    reason: "not a variable: cannot rewind".into(),
-                });
-            }
-            Var::from_tensor(&dst)?.set(src)?;
-        }
-        Ok(())
+        net.assign_params(&self.0)
     }
 
     /// The copied values, by full parameter name.
@@ -133,8 +124,7 @@ pub fn prune_step(
     selection: Selection,
     min_units: usize,
 ) -> Result<Vec<Vec<bool>>> {
-    let needs_stats = matches!(criterion.name().as_str(), "mean_activation" | "apoz");
-    let stats = if needs_stats {
+    let stats = if criterion.needs_activations() {
         Some(ActivationStats::gather(net, groups, data, 500, false)?)
     } else {
         None
@@ -275,10 +265,7 @@ pub fn iterative(
             // Back to the last accepted network: its weights and its masks.
             if let Some((weights, masks)) = &accepted {
                 weights.restore(net)?;
-                net.clear_masks();
-                for (name, keep) in masks {
-                    net.set_mask(name, keep)?;
-                }
+                net.set_masks(masks)?;
             }
             cycles.push(stats);
             break;

@@ -41,21 +41,28 @@ pub fn elbo(
         });
     }
     let ce = candle_nn::loss::cross_entropy(logits, labels)?;
-    let mut loss = ce.clone();
-    let mut kl_total = 0.0;
+    let mut kl: Option<Tensor> = None;
     if kl_scale != 0.0 {
         for (_, layer) in net.noise_layers() {
             let w = kl_weights.get(layer.name()).copied().unwrap_or(1.0) * kl_scale;
             if w == 0.0 {
                 continue;
             }
-            let kl = (layer.kl()?.to_dtype(logits.dtype())? * (w / n_train as f64))?;
-            kl_total += kl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            loss = loss.add(&kl)?;
+            let term = (layer.kl()?.to_dtype(logits.dtype())? * (w / n_train as f64))?;
+            kl = Some(match kl {
+                Some(sum) => sum.add(&term)?,
+                None => term,
+            });
         }
     }
+    // One read of each term per step, not one per layer.
+    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let (loss, kl_total) = match &kl {
+        Some(kl) => (ce.add(kl)?, scalar(kl)?),
+        None => (ce.clone(), 0.0),
+    };
     Ok(Elbo {
-        cross_entropy: ce.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        cross_entropy: scalar(&ce)?,
         kl: kl_total,
         loss,
     })
@@ -381,7 +388,8 @@ pub fn fit(
             let (xs, ys) = data.batch(chunk, &device)?;
             let logits = net.forward_t(&xs, true)?;
             let terms = elbo(net, &logits, &ys, n, config.kl_scale, &config.kl_weights)?;
-            let loss = terms.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // The loss tensor is their sum; reading it again would cost another sync.
+            let loss = terms.cross_entropy + terms.kl;
             if !loss.is_finite() {
                 let step = opt.step_count() + 1;
                 let cause = match check_finite(net) {

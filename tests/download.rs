@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_sbp::data::download::{ensure_cifar10_from, ensure_mnist_from, md5_hex};
+use candle_sbp::data::download::{ensure_cifar10_from, ensure_mnist_from, md5_hex, CIFAR10_FILES};
 use candle_sbp::data::{cifar10, mnist};
 use candle_sbp::Error;
 
@@ -128,15 +128,7 @@ fn cifar_archive_is_checked_and_only_the_batches_are_extracted() {
         Vec::new(),
         flate2::Compression::fast(),
     ));
-    for f in [
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-        "test_batch.bin",
-        "batches.meta.txt",
-    ] {
+    for f in CIFAR10_FILES.iter().chain(&["batches.meta.txt"]) {
         builder
             .append_path_with_name(real.join(f), format!("cifar-10-batches-bin/{f}"))
             .unwrap();

@@ -37,7 +37,7 @@ mod stats;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-pub use stats::ActivationStats;
+pub use stats::{ActivationStats, UnitStats};
 
 use crate::coupling::CouplingGroup;
 use crate::error::{Error, Result};
@@ -47,6 +47,10 @@ use crate::net::Net;
 pub trait Criterion {
     /// A short name for reports.
     fn name(&self) -> String;
+    /// Whether [`Criterion::scores`] needs [`ActivationStats`].
+    fn needs_activations(&self) -> bool {
+        false
+    }
     /// One score per unit of `group`. Activation-based criteria need `stats`.
     fn scores(
         &self,
@@ -54,6 +58,17 @@ pub trait Criterion {
         group: &CouplingGroup,
         stats: Option<&ActivationStats>,
     ) -> Result<Vec<f64>>;
+}
+
+/// The statistics of `group`, or an error naming what needed them.
+fn group_stats(
+    stats: Option<&ActivationStats>,
+    group: &CouplingGroup,
+    criterion: &str,
+) -> Result<stats::UnitStats> {
+    stats
+        .ok_or_else(|| criterion_error(group, format!("{criterion} needs activation statistics")))?
+        .group(group)
 }
 
 fn criterion_error(group: &CouplingGroup, reason: impl Into<String>) -> Error {
@@ -113,15 +128,16 @@ impl Criterion for MeanActivation {
     fn name(&self) -> String {
         "mean_activation".into()
     }
+    fn needs_activations(&self) -> bool {
+        true
+    }
     fn scores(
         &self,
         _: &Net,
         group: &CouplingGroup,
         stats: Option<&ActivationStats>,
     ) -> Result<Vec<f64>> {
-        let stats = stats
-            .ok_or_else(|| criterion_error(group, "mean activation needs activation statistics"))?;
-        Ok(stats.group(group)?.mean.clone())
+        Ok(group_stats(stats, group, "mean activation")?.mean)
     }
 }
 
@@ -134,16 +150,16 @@ impl Criterion for Apoz {
     fn name(&self) -> String {
         "apoz".into()
     }
+    fn needs_activations(&self) -> bool {
+        true
+    }
     fn scores(
         &self,
         _: &Net,
         group: &CouplingGroup,
         stats: Option<&ActivationStats>,
     ) -> Result<Vec<f64>> {
-        let stats =
-            stats.ok_or_else(|| criterion_error(group, "APoZ needs activation statistics"))?;
-        Ok(stats
-            .group(group)?
+        Ok(group_stats(stats, group, "APoZ")?
             .zero_fraction
             .iter()
             .map(|z| 1.0 - z)

@@ -87,23 +87,25 @@ impl Net {
     /// the architecture, the masks and a SHA-256 of the tensors. The write is atomic.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let params = self.named_params();
-        let bytes: Vec<(String, DType, Vec<usize>, Vec<u8>)> = params
-            .iter()
-            .map(|(n, t)| {
-                let t = t.contiguous()?;
-                let view = safetensors::View::data(&t).into_owned();
-                Ok((n.clone(), t.dtype(), t.dims().to_vec(), view))
-            })
+        // Each tensor made contiguous once; the checksum and the file read the same bytes.
+        let tensors: Vec<(String, candle::Tensor)> = self
+            .named_params()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.contiguous()?)))
             .collect::<Result<_>>()?;
+        let bytes: Vec<std::borrow::Cow<[u8]>> = tensors
+            .iter()
+            .map(|(_, t)| safetensors::View::data(t))
+            .collect();
         let architecture = self.spec.to_json()?;
         let masks = serde_json::to_string(&self.masks()).expect("bool vectors serialise");
         let sum = digest(
             &architecture,
             &masks,
-            bytes
+            tensors
                 .iter()
-                .map(|(n, d, s, b)| (n.as_str(), format!("{d:?}"), s.as_slice(), b.as_slice())),
+                .zip(&bytes)
+                .map(|((n, t), b)| (n.as_str(), format!("{:?}", t.dtype()), t.dims(), &b[..])),
         );
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
@@ -111,13 +113,8 @@ impl Net {
         meta.insert("architecture".to_string(), architecture);
         meta.insert("masks".to_string(), masks);
         meta.insert("sha256".to_string(), sum);
-        let contiguous: Vec<(String, candle::Tensor)> = params
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.contiguous()?)))
-            .collect::<Result<_>>()?;
-        let data =
-            safetensors::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-                .map_err(|e| format_error(path, format!("cannot encode: {e}")))?;
+        let data = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+            .map_err(|e| format_error(path, format!("cannot encode: {e}")))?;
         write_atomic(path, &data)
     }
 
@@ -155,17 +152,14 @@ impl Net {
             ));
         }
         let views = st.tensors();
-        let dtypes: Vec<String> = views
+        let dtypes: Vec<DType> = views
             .iter()
-            .map(|(_, v)| {
-                let d: Result<DType> = match v.dtype() {
-                    safetensors::Dtype::F32 => Ok(DType::F32),
-                    safetensors::Dtype::F64 => Ok(DType::F64),
-                    safetensors::Dtype::F16 => Ok(DType::F16),
-                    safetensors::Dtype::BF16 => Ok(DType::BF16),
-                    other => Err(format_error(path, format!("unsupported dtype {other:?}"))),
-                };
-                d.map(|d| format!("{d:?}"))
+            .map(|(_, v)| match v.dtype() {
+                safetensors::Dtype::F32 => Ok(DType::F32),
+                safetensors::Dtype::F64 => Ok(DType::F64),
+                safetensors::Dtype::F16 => Ok(DType::F16),
+                safetensors::Dtype::BF16 => Ok(DType::BF16),
+                other => Err(format_error(path, format!("unsupported dtype {other:?}"))),
             })
             .collect::<Result<_>>()?;
         let sum = digest(
@@ -174,7 +168,7 @@ impl Net {
             views
                 .iter()
                 .zip(&dtypes)
-                .map(|((n, v), d)| (n.as_str(), d.clone(), v.shape(), v.data())),
+                .map(|((n, v), d)| (n.as_str(), format!("{d:?}"), v.shape(), v.data())),
         );
         if &sum != field("sha256")? {
             return Err(format_error(
@@ -187,18 +181,10 @@ impl Net {
         let masks: std::collections::BTreeMap<String, Vec<bool>> =
             serde_json::from_str(field("masks")?)
                 .map_err(|e| format_error(path, format!("masks: {e}")))?;
-        let dtype = match dtypes.first() {
-            Some(_) if dtypes.iter().any(|d| d != &dtypes[0]) => {
-                return Err(format_error(path, "tensors of mixed dtypes"))
-            }
-            Some(_) => match views[0].1.dtype() {
-                safetensors::Dtype::F64 => DType::F64,
-                safetensors::Dtype::F16 => DType::F16,
-                safetensors::Dtype::BF16 => DType::BF16,
-                _ => DType::F32,
-            },
-            None => DType::F32,
-        };
+        if dtypes.iter().any(|d| d != &dtypes[0]) {
+            return Err(format_error(path, "tensors of mixed dtypes"));
+        }
+        let dtype = dtypes.first().copied().unwrap_or(DType::F32);
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
@@ -245,10 +231,8 @@ impl Net {
         }
         let vb = VarBuilder::from_varmap(&varmap, dtype, device);
         let mut net = Net::new(spec, vb).map_err(|e| format_error(path, format!("{e}")))?;
-        for (name, keep) in masks {
-            net.set_mask(&name, &keep)
-                .map_err(|e| format_error(path, format!("masks: {e}")))?;
-        }
+        net.set_masks(&masks)
+            .map_err(|e| format_error(path, format!("masks: {e}")))?;
         net.set_varmap(varmap);
         Ok(net)
     }
@@ -267,16 +251,7 @@ impl Net {
                 "the file holds a different architecture from this network",
             ));
         }
-        for ((name, dst), (_, src)) in self.named_params().into_iter().zip(saved.named_params()) {
-            if !dst.is_variable() {
-                return Err(format_error(path, format!("{name} is not a variable here")));
-            }
-            Var::from_tensor(&dst)?.set(&src.to_dtype(dst.dtype())?)?;
-        }
-        self.clear_masks();
-        for (name, keep) in saved.masks() {
-            self.set_mask(&name, &keep)?;
-        }
-        Ok(())
+        self.assign_params(&saved.named_params())?;
+        self.set_masks(&saved.masks())
     }
 }

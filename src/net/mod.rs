@@ -379,6 +379,46 @@ impl Net {
         Ok(())
     }
 
+    /// Replaces every mask by `masks` (node name → keep mask).
+    pub fn set_masks(
+        &mut self,
+        masks: &std::collections::BTreeMap<String, Vec<bool>>,
+    ) -> Result<()> {
+        self.clear_masks();
+        for (name, keep) in masks {
+            self.set_mask(name, keep)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `values` (full names and tensors, in the order of [`Net::named_params`]) into
+    /// this network's parameters, which must be variables.
+    pub fn assign_params(&self, values: &[(String, Tensor)]) -> Result<()> {
+        let params = self.named_params();
+        if params.len() != values.len() {
+            return Err(graph(
+                "<net>",
+                format!("{} values for {} parameters", values.len(), params.len()),
+            ));
+        }
+        for ((name, dst), (src_name, src)) in params.into_iter().zip(values) {
+            if &name != src_name {
+                return Err(graph(
+                    &name,
+                    format!("got a value for {src_name} in its place"),
+                ));
+            }
+            if !dst.is_variable() {
+                return Err(graph(
+                    &name,
+                    "not a variable: build the network from a VarMap",
+                ));
+            }
+            Var::from_tensor(&dst)?.set(&src.to_dtype(dst.dtype())?)?;
+        }
+        Ok(())
+    }
+
     /// Removes node `node`'s mask.
     pub fn clear_mask(&mut self, node: &str) -> Result<()> {
         let i = self.node_index(node)?;
