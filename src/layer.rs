@@ -306,6 +306,17 @@ impl LogNormalDropout {
             g_mu.push(d_mu);
             g_ls.push(d_ls);
         }
+        // On the CPU, one op; elsewhere, a candle expression with the same value and gradient.
+        let fused = crate::ops::surrogate_scalar(
+            &self.mu,
+            &self.log_sigma,
+            total,
+            g_mu.clone(),
+            g_ls.clone(),
+        )?;
+        if let Some(kl) = fused {
+            return Ok(kl);
+        }
         let lin = self.linearised(1, &g_mu, &g_ls)?.sum_all()?;
         let value = Tensor::new(total, self.mu.device())?.to_dtype(self.mu.dtype())?;
         Ok(lin.add(&value)?)
@@ -316,11 +327,31 @@ impl LogNormalDropout {
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
         let theta = if train {
-            self.sampled_theta(xs)?
+            let (log_theta, g_mu, g_ls, rows) = self.draw(xs)?;
+            if self.config.axis == 1 && crate::ops::noise_applies(xs, &self.mu, &self.log_sigma) {
+                // One fused op: θ and its derivatives (∂θ = θ·∂log θ) from the host draw.
+                let theta: Vec<f64> = log_theta.iter().map(|v| v.exp()).collect();
+                let scale = |g: &[f64]| theta.iter().zip(g).map(|(t, g)| t * g).collect();
+                let draw = crate::ops::NoiseDraw {
+                    d_mu: scale(&g_mu),
+                    d_log_sigma: scale(&g_ls),
+                    theta,
+                    rows,
+                };
+                if let Some(y) = crate::ops::noise_multiply(xs, &self.mu, &self.log_sigma, draw)? {
+                    return Ok(y);
+                }
+            }
+            self.theta_tensor(log_theta, &g_mu, &g_ls, rows)?
         } else {
             self.eval_multiplier()?
         };
-        Ok(xs.broadcast_mul(&self.broadcastable(&theta.to_dtype(xs.dtype())?, xs)?)?)
+        let theta = theta.to_dtype(xs.dtype())?;
+        if self.config.axis == 1 {
+            Ok(crate::ops::scale_units(xs, &theta)?)
+        } else {
+            Ok(xs.broadcast_mul(&self.broadcastable(&theta, xs)?)?)
+        }
     }
 
     /// The evaluation-time multiplier per unit: `E[θ]` where kept, 0 where removed.
@@ -338,8 +369,10 @@ impl LogNormalDropout {
         Ok(Tensor::from_vec(values, n, self.mu.device())?)
     }
 
-    /// `θ` drawn for this step: shape `(units,)` or `(batch, units)`.
-    fn sampled_theta(&self, xs: &Tensor) -> Result<Tensor> {
+    /// One step's draw on the host: `log θ` and its derivatives with respect to `μ` and
+    /// `log σ`, row-major `(rows, units)`, and `rows` (1 when shared by the batch).
+    #[allow(clippy::type_complexity)]
+    fn draw(&self, xs: &Tensor) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> {
         let params = self.clamped_params()?;
         let units = params.len();
         let rows = match self.config.noise {
@@ -348,25 +381,37 @@ impl LogNormalDropout {
         };
         let n = rows * units;
         let (mut value, mut g_mu, mut g_ls) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        {
-            let mut rng = self.lock_rng();
-            for row in 0..rows {
-                for (j, p) in params.iter().enumerate() {
-                    let s = p.dist.sample_unchecked(open_unit(&mut rng));
-                    let k = row * units + j;
-                    value[k] = s.log_theta;
-                    (g_mu[k], g_ls[k]) = p.gate(s.d_mu, s.d_log_sigma);
-                }
+        let mut rng = self.lock_rng();
+        for row in 0..rows {
+            for (j, p) in params.iter().enumerate() {
+                let s = p.dist.sample_unchecked(open_unit(&mut rng));
+                let k = row * units + j;
+                value[k] = s.log_theta;
+                (g_mu[k], g_ls[k]) = p.gate(s.d_mu, s.d_log_sigma);
             }
         }
+        Ok((value, g_mu, g_ls, rows))
+    }
+
+    /// `θ` as a candle expression of `μ` and `log σ` (the path for other devices): shape
+    /// `(units,)` or `(rows, units)`.
+    fn theta_tensor(
+        &self,
+        log_theta: Vec<f64>,
+        g_mu: &[f64],
+        g_ls: &[f64],
+        rows: usize,
+    ) -> Result<Tensor> {
+        let units = self.num_units();
         let shape: Vec<usize> = match self.config.noise {
             NoiseMode::SharedPerBatch => vec![units],
             NoiseMode::PerExample => vec![rows, units],
         };
         let device = self.mu.device();
-        let value = Tensor::from_vec(value, shape.as_slice(), device)?.to_dtype(self.mu.dtype())?;
+        let value =
+            Tensor::from_vec(log_theta, shape.as_slice(), device)?.to_dtype(self.mu.dtype())?;
         let log_theta = self
-            .linearised(rows, &g_mu, &g_ls)?
+            .linearised(rows, g_mu, g_ls)?
             .reshape(shape)?
             .add(&value)?;
         Ok(log_theta.exp()?)

@@ -11,6 +11,7 @@ pub mod experiment;
 pub mod layer;
 pub mod models;
 pub mod net;
+pub mod ops;
 pub mod plot;
 pub mod report;
 pub mod schedule;

@@ -173,12 +173,23 @@ impl Adam {
                 continue;
             };
             let c = self.groups[slot.group];
+            let theta = slot.var.as_tensor();
+            let fused = crate::ops::AdamStep {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                step_size: c.lr / (1.0 - c.beta1.powf(t)),
+                v_scale: 1.0 / (1.0 - c.beta2.powf(t)).sqrt(),
+                eps: c.eps,
+                decay: 1.0 - c.lr * c.weight_decay,
+            };
+            if crate::ops::adam_in_place(theta, &slot.m, &slot.v, g, fused)? {
+                continue;
+            }
             let m = ((&slot.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&m / (1.0 - c.beta1.powf(t)))?;
             let v_hat = (&v / (1.0 - c.beta2.powf(t)))?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let theta = slot.var.as_tensor();
             let decayed = if c.weight_decay != 0.0 {
                 (theta * (1.0 - c.lr * c.weight_decay))?
             } else {
@@ -197,8 +208,15 @@ impl Adam {
     pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {
         let mut out = Vec::with_capacity(2 * self.slots.len());
         for s in &self.slots {
-            out.push((format!("{}.adam_m", s.name), s.m.clone()));
-            out.push((format!("{}.adam_v", s.name), s.v.clone()));
+            // Copies: the moments are updated in place by later steps.
+            out.push((
+                format!("{}.adam_m", s.name),
+                s.m.copy().unwrap_or_else(|_| s.m.clone()),
+            ));
+            out.push((
+                format!("{}.adam_v", s.name),
+                s.v.copy().unwrap_or_else(|_| s.v.clone()),
+            ));
         }
         (out, self.step)
     }
@@ -223,7 +241,11 @@ impl Adam {
                         ),
                     });
                 }
-                *target = t.to_dtype(target.dtype())?.to_device(target.device())?;
+                // A copy of its own: the moments are updated in place.
+                *target = t
+                    .to_dtype(target.dtype())?
+                    .to_device(target.device())?
+                    .copy()?;
             }
         }
         self.step = step;

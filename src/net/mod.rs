@@ -491,7 +491,7 @@ impl Net {
                     self.apply(i, &ins, train)?
                 };
                 match &self.masks[i] {
-                    Some(m) => out.broadcast_mul(&m.tensor)?,
+                    Some(m) => crate::ops::scale_units(&out, &m.tensor.flatten_all()?)?,
                     None => out,
                 }
             };
@@ -528,14 +528,10 @@ impl Net {
                     ..
                 },
                 NodeImpl::Conv { weight, bias },
-            ) => {
-                let y = x.conv2d(weight, padding, stride, dilation, groups)?;
-                match bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-                    None => y,
-                }
+            ) => crate::ops::conv2d(x, weight, bias.as_ref(), padding, stride, dilation, groups)?,
+            (Op::Linear { .. }, NodeImpl::Linear(l)) => {
+                crate::ops::linear(x, l.weight(), l.bias())?
             }
-            (Op::Linear { .. }, NodeImpl::Linear(l)) => candle::Module::forward(l, x)?,
             (Op::BatchNorm { .. }, NodeImpl::BatchNorm(bn)) => bn.forward_t(x, train)?,
             (Op::Activation { f }, _) => match *f {
                 Activation::Relu => x.relu()?,
@@ -545,9 +541,7 @@ impl Net {
                 Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
                 Activation::Silu => x.silu()?,
             },
-            (&Op::MaxPool2d { kernel, stride }, _) => {
-                x.max_pool2d_with_stride((kernel, kernel), (stride, stride))?
-            }
+            (&Op::MaxPool2d { kernel, stride }, _) => crate::ops::max_pool2d(x, kernel, stride)?,
             (&Op::AvgPool2d { kernel, stride }, _) => {
                 x.avg_pool2d_with_stride((kernel, kernel), (stride, stride))?
             }

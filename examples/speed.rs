@@ -1,0 +1,289 @@
+//! Training-step and inference speed of LeNet5-Caffe and LeNet-500-300, with and without
+//! SBP layers, and (with `--pytorch`) the same steps in PyTorch measured in the same run by
+//! `benches/pytorch_reference.py`, printed side by side as a ratio.
+//!
+//! ```text
+//! cargo run --release --example speed -- --pytorch
+//! ```
+//!
+//! Batches come from the real MNIST training set when it is in the data directory (random
+//! images otherwise); timings are medians over `--steps` steps after `--warmup` steps.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_sbp::data::{self, mnist};
+use candle_sbp::models::{lenet5_caffe, lenet_500_300};
+use candle_sbp::train::{elbo, Adam, AdamConfig};
+use candle_sbp::{LogNormalDropoutConfig, Net};
+use clap::Parser;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+// Reuses freed memory instead of returning it to the system and faulting fresh pages in on
+// the next step: worth about a quarter of a LeNet5 step with glibc's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Timed steps per network (the median is reported).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Also run benches/pytorch_reference.py (needs python3 with torch) and print ratios.
+    #[arg(long)]
+    pytorch: bool,
+    /// The Python interpreter for --pytorch.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Print the time of each phase (forward, loss, backward + Adam) too.
+    #[arg(long)]
+    phases: bool,
+    /// The data directory (default: $SBP_DATA_DIR, else ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Time only this network (lenet5 or lenet500_300).
+    #[arg(long)]
+    net: Option<String>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+type Build = fn(Option<LogNormalDropoutConfig>, VarBuilder) -> candle_sbp::Result<Net>;
+
+fn batches(args: &Args, count: usize) -> Result<Vec<(Tensor, Tensor)>> {
+    let dir = data::data_dir(args.data_dir.as_deref()).join("mnist");
+    let device = Device::Cpu;
+    let n = args.batch_size;
+    match mnist::load(&dir) {
+        Ok(m) => (0..count)
+            .map(|k| {
+                let idx: Vec<usize> = (0..n).map(|i| (k * n + i) % m.train.len()).collect();
+                Ok(m.train.batch(&idx, &device)?)
+            })
+            .collect(),
+        Err(e) => {
+            eprintln!(
+                "note: MNIST not found in {} ({e}); timing random images",
+                dir.display()
+            );
+            let mut rng = StdRng::seed_from_u64(0);
+            (0..count)
+                .map(|_| {
+                    let x: Vec<f32> = (0..n * 784).map(|_| rng.random::<f32>()).collect();
+                    let y: Vec<u32> = (0..n).map(|_| rng.random_range(0..10)).collect();
+                    Ok((
+                        Tensor::from_vec(x, (n, 1, 28, 28), &device)?,
+                        Tensor::from_vec(y, n, &device)?,
+                    ))
+                })
+                .collect()
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One network with its optimiser, timed step by step.
+struct Trainer {
+    net: Net,
+    adam: Adam,
+    /// Per phase: whole step, forward, loss, backward + Adam, backward alone.
+    times: [Vec<f64>; 5],
+}
+
+impl Trainer {
+    fn new(build: Build, sbp: bool) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = build(sbp.then(LogNormalDropoutConfig::default), vb)?;
+        net.reset_parameters(0)?;
+        let adam = Adam::new(&net, AdamConfig::default(), AdamConfig::default())?;
+        Ok(Self {
+            net,
+            adam,
+            times: Default::default(),
+        })
+    }
+
+    fn step(&mut self, (x, y): &(Tensor, Tensor), record: bool, phases: bool) -> Result<()> {
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let t0 = Instant::now();
+        let logits = self.net.forward_t(x, true)?;
+        let t1 = Instant::now();
+        let loss = elbo(&self.net, &logits, y, 60_000, 1.0, &Default::default())?;
+        let t2 = Instant::now();
+        let backward_alone = if phases {
+            // Backward alone (outside the step's time), to split backward from Adam.
+            let tb = Instant::now();
+            let _ = loss.loss.backward()?;
+            Some(tb.elapsed().as_secs_f64() * 1e3)
+        } else {
+            None
+        };
+        let t3 = Instant::now();
+        self.adam.backward_step(&loss.loss)?;
+        let t4 = Instant::now();
+        if record {
+            let step = ms(t0, t2) + ms(t3, t4);
+            for (k, v) in [step, ms(t0, t1), ms(t1, t2), ms(t3, t4)]
+                .into_iter()
+                .enumerate()
+            {
+                self.times[k].push(v);
+            }
+            self.times[4].extend(backward_alone);
+        }
+        Ok(())
+    }
+
+    fn medians(self) -> [f64; 5] {
+        self.times
+            .map(|t| if t.is_empty() { f64::NAN } else { median(t) })
+    }
+}
+
+/// Median milliseconds per phase of the dense and the SBP network, stepping the two in
+/// turn so that a busy machine slows both alike.
+fn time_pair(args: &Args, build: Build, data: &[(Tensor, Tensor)]) -> Result<([f64; 5], [f64; 5])> {
+    let mut dense = Trainer::new(build, false)?;
+    let mut sbp = Trainer::new(build, true)?;
+    for (k, batch) in data.iter().take(args.warmup + args.steps).enumerate() {
+        let record = k >= args.warmup;
+        dense.step(batch, record, args.phases)?;
+        sbp.step(batch, record, args.phases)?;
+    }
+    Ok((dense.medians(), sbp.medians()))
+}
+
+/// Median milliseconds of an eval-mode forward pass of a dense net at this batch size.
+fn time_inference(args: &Args, build: Build, x: &Tensor) -> Result<f64> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let net = build(None, vb)?;
+    net.reset_parameters(0)?;
+    let mut times = vec![];
+    for k in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        let _ = net.forward_t(x, false)?;
+        if k >= args.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(times))
+}
+
+fn pytorch(args: &Args) -> Result<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/pytorch_reference.py");
+    let dir = data::data_dir(args.data_dir.as_deref()).join("mnist");
+    let out = Command::new(&args.python)
+        .arg(script)
+        .args(["--steps", &args.steps.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--batch-size", &args.batch_size.to_string()])
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .with_context(|| format!("running {} {script}", args.python))?;
+    if !out.status.success() {
+        bail!(
+            "{script} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("reading the PyTorch script's JSON")
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.steps == 0 || args.batch_size == 0 {
+        bail!("--steps and --batch-size must be positive");
+    }
+    let data = batches(&args, args.warmup + args.steps)?;
+    let nets: [(&str, Build); 2] = [("lenet5", lenet5_caffe), ("lenet500_300", lenet_500_300)];
+    let mut ours = serde_json::Map::new();
+    println!("threads: {}", candle::utils::get_num_threads());
+    println!(
+        "{:<14} {:>10} {:>10} {:>9} {:>9} {:>11}",
+        "network", "dense ms", "SBP ms", "SBP cost", "infer ms", "images/s"
+    );
+    for (name, build) in nets {
+        if args.net.as_deref().is_some_and(|n| n != name) {
+            continue;
+        }
+        let (dense, sbp) = time_pair(&args, build, &data)?;
+        let infer = time_inference(&args, build, &data[0].0)?;
+        println!(
+            "{name:<14} {:>10.2} {:>10.2} {:>8.1}% {:>9.2} {:>11.0}",
+            dense[0],
+            sbp[0],
+            100.0 * (sbp[0] / dense[0] - 1.0),
+            infer,
+            args.batch_size as f64 / infer * 1e3
+        );
+        if args.phases {
+            for (label, t) in [("dense", dense), ("sbp", sbp)] {
+                println!(
+                    "  {label:<6} forward {:.2} ms, loss {:.2} ms, backward+Adam {:.2} ms (backward {:.2} ms)",
+                    t[1], t[2], t[3], t[4]
+                );
+            }
+        }
+        ours.insert(
+            name.into(),
+            serde_json::json!({
+                "step_ms_dense": dense[0], "step_ms_sbp": sbp[0], "infer_ms": infer,
+                "phases_ms_dense": &dense[1..4], "phases_ms_sbp": &sbp[1..4],
+            }),
+        );
+    }
+    let mut result = serde_json::json!({
+        "batch_size": args.batch_size, "steps": args.steps,
+        "threads": candle::utils::get_num_threads(), "candle_sbp": ours,
+    });
+    if args.pytorch {
+        let torch = pytorch(&args)?;
+        println!(
+            "\nPyTorch {} ({} threads), same batches, same run:",
+            torch["version"], torch["threads"]
+        );
+        println!(
+            "{:<14} {:>12} {:>12} {:>8} {:>12} {:>12} {:>8}",
+            "network", "ours ms", "torch ms", "ratio", "ours inf ms", "torch inf ms", "ratio"
+        );
+        for (name, _) in nets {
+            let o = &result["candle_sbp"][name];
+            let t = &torch[name];
+            let (os, ts) = (o["step_ms_dense"].as_f64(), t["step_ms"].as_f64());
+            let (oi, ti) = (o["infer_ms"].as_f64(), t["infer_ms"].as_f64());
+            if let (Some(os), Some(ts), Some(oi), Some(ti)) = (os, ts, oi, ti) {
+                println!(
+                    "{name:<14} {os:>12.2} {ts:>12.2} {:>7.2}× {oi:>12.2} {ti:>12.2} {:>7.2}×",
+                    os / ts,
+                    oi / ti
+                );
+            }
+        }
+        result["pytorch"] = torch;
+    }
+    if let Some(path) = &args.json {
+        candle_sbp::net::write_atomic(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

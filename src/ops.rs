@@ -1,0 +1,1565 @@
+//! CPU kernels with their own backward passes, for the layers where candle's generic CPU
+//! ops are slow to train.
+//!
+//! candle 0.11 differentiates a convolution with a transposed convolution (slow on the CPU)
+//! and always computes the gradient of the convolution's input, even for the input image,
+//! which nothing needs; a linear layer's backward goes through transposed views and
+//! `sum_keepdim` over broadcast axes; a per-channel multiply (a noise layer or a mask)
+//! reduces over strided axes. The functions here compute the same values with
+//! `im2col` + GEMM (the `gemm` crate candle itself uses), parallel over the batch, and skip
+//! every gradient whose tensor does not require one.
+//!
+//! Each function falls back to candle's own ops wherever its kernel does not apply (other
+//! devices, such as CUDA or Metal, other dtypes, grouped convolutions), so a GPU build
+//! runs the same [`Net`](crate::Net) unchanged. Gradients are checked against candle's
+//! own ops in `tests/ops.rs`.
+//!
+//! ```
+//! use candle::{Device, Tensor};
+//! use candle_sbp::ops;
+//!
+//! let x = Tensor::randn(0f32, 1., (2, 3, 8, 8), &Device::Cpu)?;
+//! let w = Tensor::randn(0f32, 1., (4, 3, 3, 3), &Device::Cpu)?;
+//! let y = ops::conv2d(&x, &w, None, 1, 1, 1, 1)?;
+//! let reference = x.conv2d(&w, 1, 1, 1, 1)?;
+//! let diff = (y - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(diff < 1e-4);
+//! # Ok::<(), candle::Error>(())
+//! ```
+
+use candle::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+    Shape, Tensor, WithDType,
+};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Whether the CPU kernels apply to these tensors: all on the CPU, all f32 or all f64.
+fn fast_path(ts: &[&Tensor]) -> bool {
+    let dtype = ts[0].dtype();
+    matches!(dtype, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+/// Whether autograd will ask for this tensor's gradient.
+fn needs_grad(t: &Tensor) -> bool {
+    t.track_op()
+}
+
+/// candle's thread count (it honours `RAYON_NUM_THREADS`), read once: reading it means
+/// reading the environment, too slow for every kernel call.
+fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| candle::utils::get_num_threads().max(1))
+}
+
+/// The contiguous data of a CPU storage.
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let all = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&all[start..end]),
+        None => candle::bail!("ops: a kernel input is not contiguous"),
+    }
+}
+
+/// `dst (m×n) [+]= lhs (m×k) · rhs (k×n)`, each matrix given by its slice and its row and
+/// column strides. Checks that every index stays inside its slice.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    parallelism: Parallelism,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+    };
+    if dst.len() < m * n
+        || (k > 0
+            && (lhs.len() <= last(m, k, lhs_rs, lhs_cs) || rhs.len() <= last(k, n, rhs_rs, rhs_cs)))
+    {
+        candle::bail!("ops: internal matrix shapes do not fit their buffers");
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
+        }
+        return Ok(());
+    }
+    // SAFETY: the extents were checked above; `gemm` reads `lhs` and `rhs` and writes `dst`
+    // only at `row * rs + col * cs` for rows and columns inside the given sizes, and `dst`
+    // does not alias the inputs (it is a distinct `&mut`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+fn parallelism(outer_parallel: bool) -> Parallelism {
+    if outer_parallel || threads() == 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads())
+    }
+}
+
+/// Splits `0..n` into at most `threads()` contiguous chunks.
+fn chunks(n: usize) -> Vec<std::ops::Range<usize>> {
+    let size = n.div_ceil(threads()).max(1);
+    (0..n).step_by(size).map(|a| a..(a + size).min(n)).collect()
+}
+
+/// Splits the flat per-sample buffer `buf` (`per` values a sample) along `ranges`.
+fn split_samples<'a, T>(
+    mut buf: &'a mut [T],
+    ranges: &[std::ops::Range<usize>],
+    per: usize,
+) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (head, tail) = buf.split_at_mut(r.len() * per);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// Dispatches a CPU kernel on the storage's dtype; gives the storage and its length.
+macro_rules! cpu_dispatch {
+    ($s:expr, $f:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                let v = $f::<f32>($($arg),*)?;
+                let len = v.len();
+                (CpuStorage::F32(v), len)
+            }
+            CpuStorage::F64(_) => {
+                let v = $f::<f64>($($arg),*)?;
+                let len = v.len();
+                (CpuStorage::F64(v), len)
+            }
+            other => candle::bail!("ops: no CPU kernel for {:?}", other.dtype()),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// Convolution.
+
+/// The sizes of one 2-d convolution (groups 1).
+#[derive(Debug, Clone, Copy)]
+struct ConvGeometry {
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    bias: bool,
+}
+
+impl ConvGeometry {
+    /// Rows of the im2col matrix: input channels × kernel positions.
+    fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+    /// Columns of the im2col matrix: output positions.
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+    fn in_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    /// The input coordinate read by output coordinate `o` at kernel offset `k`, if any.
+    fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
+        let i = (o * self.stride + k * self.dilation).checked_sub(self.padding)?;
+        (i < size).then_some(i)
+    }
+
+    /// The output columns `lo..hi` whose input column at kernel offset `kx` is inside the
+    /// image, and the input column of `lo` (then every `stride`).
+    fn valid_columns(&self, kx: usize) -> (usize, usize, usize) {
+        let shift = kx * self.dilation;
+        // ox·stride + shift − padding ≥ 0  and  < w
+        let lo = self.padding.saturating_sub(shift).div_ceil(self.stride);
+        let hi = if self.w + self.padding > shift {
+            ((self.w + self.padding - shift - 1) / self.stride + 1).min(self.ow)
+        } else {
+            0
+        };
+        let hi = hi.max(lo);
+        (
+            lo,
+            hi,
+            (lo * self.stride + shift).saturating_sub(self.padding),
+        )
+    }
+
+    /// Writes sample `x`'s im2col matrix (`k() × p()`) into columns `col0..col0 + p()` of
+    /// the row-major `cols`, whose rows are `ld` long.
+    fn im2col<T: WithDType>(&self, x: &[T], cols: &mut [T], ld: usize, col0: usize) {
+        let ow = self.ow;
+        for c in 0..self.c_in {
+            let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = ((c * self.kh + ky) * self.kw + kx) * ld + col0;
+                    let (lo, hi, ix0) = self.valid_columns(kx);
+                    for oy in 0..self.oh {
+                        let out = &mut cols[row + oy * ow..row + (oy + 1) * ow];
+                        let Some(iy) = self.source(oy, ky, self.h) else {
+                            out.fill(T::zero());
+                            continue;
+                        };
+                        let src = &plane[iy * self.w..(iy + 1) * self.w];
+                        out[..lo].fill(T::zero());
+                        out[hi..].fill(T::zero());
+                        if self.stride == 1 {
+                            out[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+                        } else {
+                            let picked = src[ix0..].iter().step_by(self.stride);
+                            out[lo..hi]
+                                .iter_mut()
+                                .zip(picked)
+                                .for_each(|(o, &v)| *o = v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds the im2col-shaped gradient in columns `col0..col0 + p()` of `cols` (rows `ld`
+    /// long) back onto the input gradient `dx`.
+    fn col2im<T: WithDType>(&self, cols: &[T], ld: usize, col0: usize, dx: &mut [T]) {
+        let ow = self.ow;
+        for c in 0..self.c_in {
+            let plane = &mut dx[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = ((c * self.kh + ky) * self.kw + kx) * ld + col0;
+                    let (lo, hi, ix0) = self.valid_columns(kx);
+                    for oy in 0..self.oh {
+                        let Some(iy) = self.source(oy, ky, self.h) else {
+                            continue;
+                        };
+                        let src = &cols[row + oy * ow + lo..row + oy * ow + hi];
+                        let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
+                        if self.stride == 1 {
+                            let dst = &mut dst[ix0..ix0 + hi - lo];
+                            dst.iter_mut().zip(src).for_each(|(d, &g)| *d += g);
+                        } else {
+                            let dst = dst[ix0..].iter_mut().step_by(self.stride);
+                            dst.zip(src).for_each(|(d, &g)| *d += g);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Samples per GEMM: enough columns for an efficient product, few enough that the
+    /// im2col buffer (`k() × b·p()`) stays near 1 MiB of f32.
+    fn samples_per_gemm(&self) -> usize {
+        (256 * 1024 / (self.k() * self.p()).max(1)).clamp(1, 64)
+    }
+}
+
+/// The output rows of one sample block: `out[j][o][q] = tmp[o][j·p + q] (+ bias[o])`.
+fn scatter_block<T: WithDType>(
+    tmp: &[T],
+    out: &mut [T],
+    (o, p, b): (usize, usize, usize),
+    bias: Option<&[T]>,
+) {
+    for j in 0..b {
+        for oc in 0..o {
+            let src = &tmp[oc * b * p + j * p..oc * b * p + (j + 1) * p];
+            let dst = &mut out[(j * o + oc) * p..(j * o + oc + 1) * p];
+            match bias {
+                Some(bias) => dst
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(d, &v)| *d = v + bias[oc]),
+                None => dst.copy_from_slice(src),
+            }
+        }
+    }
+}
+
+/// The transpose of [`scatter_block`]: `tmp[o][j·p + q] = grad[j][o][q]`.
+fn gather_block<T: WithDType>(grad: &[T], tmp: &mut [T], (o, p, b): (usize, usize, usize)) {
+    for j in 0..b {
+        for oc in 0..o {
+            tmp[oc * b * p + j * p..oc * b * p + (j + 1) * p]
+                .copy_from_slice(&grad[(j * o + oc) * p..(j * o + oc + 1) * p]);
+        }
+    }
+}
+
+fn conv_forward<T: WithDType>(
+    g: &ConvGeometry,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+) -> Result<Vec<T>> {
+    let (k, p, o) = (g.k(), g.p(), g.c_out);
+    let mut out = vec![T::zero(); g.batch * o * p];
+    let ranges = chunks(g.batch);
+    let outer = ranges.len() > 1;
+    let per = g.samples_per_gemm();
+    let parts = split_samples(&mut out, &ranges, o * p);
+    ranges
+        .par_iter()
+        .zip(parts)
+        .try_for_each(|(range, out_part)| -> Result<()> {
+            let mut cols = vec![T::zero(); k * per * p];
+            let mut tmp = vec![T::zero(); o * per * p];
+            for start in range.clone().step_by(per) {
+                let nb = per.min(range.end - start);
+                let ld = nb * p;
+                for j in 0..nb {
+                    let i = start + j;
+                    g.im2col(
+                        &x[i * g.in_len()..(i + 1) * g.in_len()],
+                        &mut cols,
+                        ld,
+                        j * p,
+                    );
+                }
+                matmul(
+                    (o, ld, k),
+                    &mut tmp,
+                    false,
+                    (w, k, 1),
+                    (&cols, ld, 1),
+                    parallelism(outer),
+                )?;
+                let at = (start - range.start) * o * p;
+                scatter_block(&tmp, &mut out_part[at..at + nb * o * p], (o, p, nb), b);
+            }
+            Ok(())
+        })?;
+    Ok(out)
+}
+
+/// `[dw (c_out·k), db (c_out, with a bias), dx (input size, if wanted)]` in one buffer.
+fn conv_backward<T: WithDType>(
+    g: &ConvGeometry,
+    want_dx: bool,
+    x: &[T],
+    w: &[T],
+    grad: &[T],
+) -> Result<Vec<T>> {
+    let (k, p, o) = (g.k(), g.p(), g.c_out);
+    let ranges = chunks(g.batch);
+    let outer = ranges.len() > 1;
+    let per = g.samples_per_gemm();
+    let mut dx = if want_dx {
+        vec![T::zero(); g.batch * g.in_len()]
+    } else {
+        Vec::new()
+    };
+    let dx_parts: Vec<Option<&mut [T]>> = if want_dx {
+        split_samples(&mut dx, &ranges, g.in_len())
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        ranges.iter().map(|_| None).collect()
+    };
+    let partials: Vec<Result<(Vec<T>, Vec<T>)>> = ranges
+        .par_iter()
+        .zip(dx_parts)
+        .map(|(range, mut dx_part)| {
+            let mut dw = vec![T::zero(); o * k];
+            let mut db = vec![T::zero(); o];
+            let mut cols = vec![T::zero(); k * per * p];
+            let mut gt = vec![T::zero(); o * per * p];
+            let par = parallelism(outer);
+            for start in range.clone().step_by(per) {
+                let nb = per.min(range.end - start);
+                let ld = nb * p;
+                for j in 0..nb {
+                    let i = start + j;
+                    g.im2col(
+                        &x[i * g.in_len()..(i + 1) * g.in_len()],
+                        &mut cols,
+                        ld,
+                        j * p,
+                    );
+                }
+                gather_block(
+                    &grad[start * o * p..(start + nb) * o * p],
+                    &mut gt,
+                    (o, p, nb),
+                );
+                // dw += Gᵀ-block (o × nb·p) · colsᵀ (nb·p × k)
+                matmul((o, k, ld), &mut dw, true, (&gt, ld, 1), (&cols, 1, ld), par)?;
+                if g.bias {
+                    for (d, row) in db.iter_mut().zip(gt.chunks(ld)) {
+                        *d += row.iter().fold(T::zero(), |a, &v| a + v);
+                    }
+                }
+                if let Some(dx_part) = dx_part.as_deref_mut() {
+                    // dcols (k × nb·p) = wᵀ (k×o) · G-block (o × nb·p), into the cols buffer.
+                    matmul((k, ld, o), &mut cols, false, (w, 1, k), (&gt, ld, 1), par)?;
+                    for j in 0..nb {
+                        let at = (start - range.start + j) * g.in_len();
+                        g.col2im(&cols, ld, j * p, &mut dx_part[at..at + g.in_len()]);
+                    }
+                }
+            }
+            Ok((dw, db))
+        })
+        .collect();
+    let mut dw = vec![T::zero(); o * k];
+    let mut db = vec![T::zero(); if g.bias { o } else { 0 }];
+    for part in partials {
+        let (pw, pb) = part?;
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    dw.extend(db);
+    dw.extend(dx);
+    Ok(dw)
+}
+
+/// The convolution as a custom op over `(x, w, b)` (`b` a dummy when there is no bias).
+#[derive(Debug, Clone, Copy)]
+struct Conv2dOp(ConvGeometry);
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "sbp-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            g: &ConvGeometry,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            let b = if g.bias { Some(data(s3, l3)?) } else { None };
+            conv_forward(g, data(s1, l1)?, data(s2, l2)?, b)
+        }
+        let g = &self.0;
+        let (out, _) = cpu_dispatch!(s1, run(g, (s1, l1), (s2, l2), (s3, l3)));
+        Ok((out, Shape::from((g.batch, g.c_out, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.0;
+        let want_dx = needs_grad(x);
+        let grad = grad.contiguous()?;
+        let all = x.apply_op3_no_bwd(w, &grad, &Conv2dBackwardOp { g, want_dx })?;
+        let (wk, o) = (g.c_out * g.k(), g.c_out);
+        let dw = all.narrow(0, 0, wk)?.reshape(w.shape())?;
+        let mut at = wk;
+        let db = if g.bias {
+            at += o;
+            Some(all.narrow(0, wk, o)?.reshape(b.shape())?)
+        } else {
+            None
+        };
+        let dx = if want_dx {
+            Some(
+                all.narrow(0, at, g.batch * g.in_len())?
+                    .reshape(x.shape())?,
+            )
+        } else {
+            None
+        };
+        Ok((dx, Some(dw), db))
+    }
+}
+
+/// The convolution's backward pass over `(x, w, grad)`, into one flat buffer.
+#[derive(Debug, Clone, Copy)]
+struct Conv2dBackwardOp {
+    g: ConvGeometry,
+    want_dx: bool,
+}
+
+impl CustomOp3 for Conv2dBackwardOp {
+    fn name(&self) -> &'static str {
+        "sbp-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            op: &Conv2dBackwardOp,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            conv_backward(
+                &op.g,
+                op.want_dx,
+                data(s1, l1)?,
+                data(s2, l2)?,
+                data(s3, l3)?,
+            )
+        }
+        let (out, len) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// A 2-d convolution of `x` `(N, C, H, W)` with `w` `(O, C/groups, KH, KW)` plus an optional
+/// bias `(O,)`, as candle's `conv2d` computes it. On the CPU (f32/f64, groups 1) it runs
+/// as im2col + GEMM with its own backward pass, which skips the input's gradient when
+/// `x` needs none (the first layer's image); elsewhere it is candle's `conv2d`.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let mut args = vec![x, w];
+    args.extend(b);
+    if stride == 0 {
+        candle::bail!("conv2d: the stride must be positive");
+    }
+    if groups != 1 || x.rank() != 4 || w.rank() != 4 || !fast_path(&args) {
+        let y = x.conv2d(w, padding, stride, dilation.max(1), groups)?;
+        return match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let (batch, c_in, h, wd) = x.dims4()?;
+    let (c_out, c_w, kh, kw) = w.dims4()?;
+    let dilation = dilation.max(1);
+    let span = |k: usize| dilation * (k - 1) + 1;
+    if c_w != c_in
+        || kh == 0
+        || kw == 0
+        || h + 2 * padding < span(kh)
+        || wd + 2 * padding < span(kw)
+    {
+        candle::bail!(
+            "conv2d: input {:?} and kernel {:?} (padding {padding}, dilation {dilation}) do not fit",
+            x.dims(),
+            w.dims()
+        );
+    }
+    if let Some(b) = b {
+        if b.dims() != [c_out] {
+            candle::bail!(
+                "conv2d: bias of shape {:?} for {c_out} output channels",
+                b.dims()
+            );
+        }
+    }
+    let g = ConvGeometry {
+        batch,
+        c_in,
+        h,
+        w: wd,
+        c_out,
+        kh,
+        kw,
+        oh: (h + 2 * padding - span(kh)) / stride + 1,
+        ow: (wd + 2 * padding - span(kw)) / stride + 1,
+        stride,
+        padding,
+        dilation,
+        bias: b.is_some(),
+    };
+    // The op always takes three tensors; without a bias the third is an unread dummy.
+    let b = match b {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(1, x.dtype(), x.device())?,
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b, Conv2dOp(g))
+}
+
+// ---------------------------------------------------------------------------------------
+// Linear.
+
+#[derive(Debug, Clone, Copy)]
+struct LinearGeometry {
+    batch: usize,
+    inputs: usize,
+    outputs: usize,
+    bias: bool,
+}
+
+/// The linear layer `y = x·wᵀ + b` as a custom op over `(x, w, b)`.
+#[derive(Debug, Clone, Copy)]
+struct LinearOp(LinearGeometry);
+
+fn linear_forward<T: WithDType>(
+    g: &LinearGeometry,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+) -> Result<Vec<T>> {
+    let (n, i, o) = (g.batch, g.inputs, g.outputs);
+    let mut y = vec![T::zero(); n * o];
+    // y (n×o) = x (n×i) · wᵀ (i×o)
+    matmul(
+        (n, o, i),
+        &mut y,
+        false,
+        (x, i, 1),
+        (w, 1, i),
+        parallelism(false),
+    )?;
+    if let Some(b) = b {
+        for row in y.chunks_mut(o) {
+            row.iter_mut().zip(b).for_each(|(v, &bias)| *v += bias);
+        }
+    }
+    Ok(y)
+}
+
+/// `[dw (o·i), db (o, with a bias), dx (n·i, if wanted)]` in one buffer.
+fn linear_backward<T: WithDType>(
+    g: &LinearGeometry,
+    want_dx: bool,
+    x: &[T],
+    w: &[T],
+    grad: &[T],
+) -> Result<Vec<T>> {
+    let (n, i, o) = (g.batch, g.inputs, g.outputs);
+    let db_len = if g.bias { o } else { 0 };
+    let dx_len = if want_dx { n * i } else { 0 };
+    let mut out = vec![T::zero(); o * i + db_len + dx_len];
+    let (dw, rest) = out.split_at_mut(o * i);
+    let (db, dx) = rest.split_at_mut(db_len);
+    // dw (o×i) = gradᵀ (o×n) · x (n×i)
+    matmul(
+        (o, i, n),
+        dw,
+        false,
+        (grad, 1, o),
+        (x, i, 1),
+        parallelism(false),
+    )?;
+    if g.bias {
+        for row in grad.chunks(o) {
+            db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+        }
+    }
+    if want_dx {
+        // dx (n×i) = grad (n×o) · w (o×i)
+        matmul(
+            (n, i, o),
+            dx,
+            false,
+            (grad, o, 1),
+            (w, i, 1),
+            parallelism(false),
+        )?;
+    }
+    Ok(out)
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sbp-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            g: &LinearGeometry,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            let b = if g.bias { Some(data(s3, l3)?) } else { None };
+            linear_forward(g, data(s1, l1)?, data(s2, l2)?, b)
+        }
+        let g = &self.0;
+        let (out, _) = cpu_dispatch!(s1, run(g, (s1, l1), (s2, l2), (s3, l3)));
+        Ok((out, Shape::from((g.batch, g.outputs))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.0;
+        let want_dx = needs_grad(x);
+        let grad = grad.contiguous()?;
+        let all = x.apply_op3_no_bwd(w, &grad, &LinearBackwardOp { g, want_dx })?;
+        let wi = g.outputs * g.inputs;
+        let dw = all.narrow(0, 0, wi)?.reshape(w.shape())?;
+        let mut at = wi;
+        let db = if g.bias {
+            at += g.outputs;
+            Some(all.narrow(0, wi, g.outputs)?.reshape(b.shape())?)
+        } else {
+            None
+        };
+        let dx = if want_dx {
+            Some(all.narrow(0, at, g.batch * g.inputs)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw), db))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LinearBackwardOp {
+    g: LinearGeometry,
+    want_dx: bool,
+}
+
+impl CustomOp3 for LinearBackwardOp {
+    fn name(&self) -> &'static str {
+        "sbp-linear-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            op: &LinearBackwardOp,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            linear_backward(
+                &op.g,
+                op.want_dx,
+                data(s1, l1)?,
+                data(s2, l2)?,
+                data(s3, l3)?,
+            )
+        }
+        let (out, len) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// `x·wᵀ + b` for `x` `(N, I)`, `w` `(O, I)` and an optional `b` `(O,)`, as
+/// `candle_nn::Linear` computes it. On the CPU (f32/f64) it runs as one GEMM with its own
+/// backward pass, which skips `x`'s gradient when nothing needs it; elsewhere (and for
+/// inputs of another rank) it is candle's matmul.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut args = vec![x, w];
+    args.extend(b);
+    let shapes_fit = x.rank() == 2
+        && w.rank() == 2
+        && x.dim(1)? == w.dim(1)?
+        && b.is_none_or(|b| b.dims() == [w.dim(0).unwrap_or(0)]);
+    if !shapes_fit || !fast_path(&args) {
+        let y = x.broadcast_matmul(&w.t()?)?;
+        return match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    let g = LinearGeometry {
+        batch: x.dim(0)?,
+        inputs: x.dim(1)?,
+        outputs: w.dim(0)?,
+        bias: b.is_some(),
+    };
+    let b = match b {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(1, x.dtype(), x.device())?,
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b, LinearOp(g))
+}
+
+// ---------------------------------------------------------------------------------------
+// Max-pooling.
+
+#[derive(Debug, Clone, Copy)]
+struct PoolGeometry {
+    planes: usize,
+    h: usize,
+    w: usize,
+    kernel: usize,
+    stride: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PoolGeometry {
+    /// The flat index (inside its plane) of the first maximum of window `(oy, ox)`.
+    fn argmax<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
+        let mut best = oy * self.stride * self.w + ox * self.stride;
+        for ky in 0..self.kernel {
+            let row = (oy * self.stride + ky) * self.w + ox * self.stride;
+            for at in row..row + self.kernel {
+                // A NaN wins, so that it propagates.
+                let v = plane[at];
+                #[allow(clippy::eq_op)]
+                if v > plane[best] || v != v {
+                    best = at;
+                }
+            }
+        }
+        best
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MaxPoolOp(PoolGeometry);
+
+fn pool_forward<T: WithDType>(g: &PoolGeometry, x: &[T]) -> Result<Vec<T>> {
+    let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let mut out = vec![T::zero(); g.planes * ohw];
+    out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
+        let plane = &x[p * hw..(p + 1) * hw];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                o[oy * g.ow + ox] = plane[g.argmax(plane, oy, ox)];
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// The gradient goes to the first maximum of each window (PyTorch's choice; candle's own
+/// op splits it between tied maxima).
+fn pool_backward<T: WithDType>(g: &PoolGeometry, x: &[T], grad: &[T]) -> Result<Vec<T>> {
+    let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let mut dx = vec![T::zero(); g.planes * hw];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+        let plane = &x[p * hw..(p + 1) * hw];
+        let gp = &grad[p * ohw..(p + 1) * ohw];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                d[g.argmax(plane, oy, ox)] += gp[oy * g.ow + ox];
+            }
+        }
+    });
+    Ok(dx)
+}
+
+impl CustomOp1 for MaxPoolOp {
+    fn name(&self) -> &'static str {
+        "sbp-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(g: &PoolGeometry, s: &CpuStorage, l: &Layout) -> Result<Vec<T>> {
+            pool_forward(g, data(s, l)?)
+        }
+        let g = &self.0;
+        let (out, _) = cpu_dispatch!(s, run(g, s, l));
+        let dims = l.dims();
+        Ok((out, Shape::from((dims[0], dims[1], g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !needs_grad(x) {
+            return Ok(None);
+        }
+        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolBackwardOp(self.0))?;
+        Ok(Some(dx))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MaxPoolBackwardOp(PoolGeometry);
+
+impl CustomOp2 for MaxPoolBackwardOp {
+    fn name(&self) -> &'static str {
+        "sbp-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            g: &PoolGeometry,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            pool_backward(g, data(s1, l1)?, data(s2, l2)?)
+        }
+        let (out, _) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2)));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Max-pooling of `x` `(N, C, H, W)` over `kernel × kernel` windows every `stride`
+/// (no padding), as candle's `max_pool2d_with_stride` computes it. On the CPU it has its
+/// own backward pass, which routes each window's gradient to its first maximum.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let usable = x.rank() == 4
+        && kernel > 0
+        && stride > 0
+        && x.dim(2)? >= kernel
+        && x.dim(3)? >= kernel
+        && fast_path(&[x]);
+    if !usable {
+        return x.max_pool2d_with_stride((kernel, kernel), (stride, stride));
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let g = PoolGeometry {
+        planes: n * c,
+        h,
+        w,
+        kernel,
+        stride,
+        oh: (h - kernel) / stride + 1,
+        ow: (w - kernel) / stride + 1,
+    };
+    x.contiguous()?.apply_op1(MaxPoolOp(g))
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-unit scaling.
+
+#[derive(Debug, Clone, Copy)]
+struct ScaleGeometry {
+    batch: usize,
+    units: usize,
+    /// Values per unit and example (H·W for a feature map, 1 for a vector).
+    inner: usize,
+    /// Whether the scale is per example `(N, U)` rather than shared `(U,)`.
+    per_example: bool,
+}
+
+impl ScaleGeometry {
+    fn factor<T: WithDType>(&self, s: &[T], n: usize, u: usize) -> T {
+        if self.per_example {
+            s[n * self.units + u]
+        } else {
+            s[u]
+        }
+    }
+}
+
+/// `y = x · s` along axis 1, as a custom op over `(x, s)`.
+#[derive(Debug, Clone, Copy)]
+struct ScaleOp(ScaleGeometry);
+
+fn scale_forward<T: WithDType>(g: &ScaleGeometry, x: &[T], s: &[T]) -> Result<Vec<T>> {
+    let per = g.units * g.inner;
+    let mut y = vec![T::zero(); g.batch * per];
+    y.par_chunks_mut(per.max(1))
+        .enumerate()
+        .for_each(|(n, yn)| {
+            for (u, row) in yn.chunks_mut(g.inner.max(1)).enumerate() {
+                let f = g.factor(s, n, u);
+                let xr = &x[n * per + u * g.inner..n * per + (u + 1) * g.inner];
+                row.iter_mut().zip(xr).for_each(|(y, &x)| *y = x * f);
+            }
+        });
+    Ok(y)
+}
+
+/// `[ds (s's size, if wanted), dx (x's size, if wanted)]` in one buffer.
+fn scale_backward<T: WithDType>(
+    g: &ScaleGeometry,
+    (want_dx, want_ds): (bool, bool),
+    x: &[T],
+    s: &[T],
+    grad: &[T],
+) -> Result<Vec<T>> {
+    let per = g.units * g.inner;
+    let s_len = if g.per_example {
+        g.batch * g.units
+    } else {
+        g.units
+    };
+    let mut ds = vec![T::zero(); if want_ds { s_len } else { 0 }];
+    if want_ds {
+        // Σ over the inner positions (and over the batch for a shared scale).
+        let per_row: Vec<Vec<T>> = (0..g.batch)
+            .into_par_iter()
+            .map(|n| {
+                (0..g.units)
+                    .map(|u| {
+                        let at = n * per + u * g.inner;
+                        x[at..at + g.inner]
+                            .iter()
+                            .zip(&grad[at..at + g.inner])
+                            .fold(T::zero(), |a, (&x, &g)| a + x * g)
+                    })
+                    .collect()
+            })
+            .collect();
+        for (n, row) in per_row.into_iter().enumerate() {
+            let dst = if g.per_example {
+                &mut ds[n * g.units..(n + 1) * g.units]
+            } else {
+                &mut ds[..]
+            };
+            dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+        }
+    }
+    if want_dx {
+        ds.extend(scale_forward(g, grad, s)?);
+    }
+    Ok(ds)
+}
+
+impl CustomOp2 for ScaleOp {
+    fn name(&self) -> &'static str {
+        "sbp-scale-units"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            g: &ScaleGeometry,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            scale_forward(g, data(s1, l1)?, data(s2, l2)?)
+        }
+        let (out, _) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2)));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let want = (needs_grad(x), needs_grad(s));
+        if want == (false, false) {
+            return Ok((None, None));
+        }
+        let op = ScaleBackwardOp { g: self.0, want };
+        let all = x.apply_op3_no_bwd(s, &grad.contiguous()?, &op)?;
+        let s_len = if want.1 { s.elem_count() } else { 0 };
+        let ds = if want.1 {
+            Some(all.narrow(0, 0, s_len)?.reshape(s.shape())?)
+        } else {
+            None
+        };
+        let dx = if want.0 {
+            Some(all.narrow(0, s_len, x.elem_count())?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, ds))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ScaleBackwardOp {
+    g: ScaleGeometry,
+    want: (bool, bool),
+}
+
+impl CustomOp3 for ScaleBackwardOp {
+    fn name(&self) -> &'static str {
+        "sbp-scale-units-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            op: &ScaleBackwardOp,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            scale_backward(&op.g, op.want, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?)
+        }
+        let (out, len) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// Multiplies each unit (axis 1) of `x` `(N, U, …)` by its factor: `s` is `(U,)` (shared
+/// by the batch) or `(N, U)` (one factor per example and unit). The same values as
+/// `x.broadcast_mul(s reshaped)`; on the CPU (f32/f64) one pass forward and one backward,
+/// each gradient computed only when needed. This is how noise layers and masks act.
+pub fn scale_units(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let per_example = s.rank() == 2;
+    let fits = dims.len() >= 2
+        && match s.dims() {
+            [u] => *u == dims[1],
+            [n, u] => *n == dims[0] && *u == dims[1],
+            _ => false,
+        };
+    if !fits {
+        candle::bail!(
+            "scale_units: factors of shape {:?} do not fit input {:?} (want (U,) or (N, U) for axis 1)",
+            s.dims(),
+            dims
+        );
+    }
+    if !fast_path(&[x, s]) {
+        let mut shape = vec![1usize; dims.len()];
+        shape[1] = dims[1];
+        if per_example {
+            shape[0] = dims[0];
+        }
+        return x.broadcast_mul(&s.reshape(shape)?);
+    }
+    let g = ScaleGeometry {
+        batch: dims[0],
+        units: dims[1],
+        inner: dims[2..].iter().product(),
+        per_example,
+    };
+    x.contiguous()?.apply_op2(&s.contiguous()?, ScaleOp(g))
+}
+
+// ---------------------------------------------------------------------------------------
+// Adam, in place.
+
+/// One Adam update's constants (bias corrections already applied).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamStep {
+    pub beta1: f64,
+    pub beta2: f64,
+    /// `lr / (1 − β1ᵗ)`.
+    pub step_size: f64,
+    /// `1 / sqrt(1 − β2ᵗ)`.
+    pub v_scale: f64,
+    pub eps: f64,
+    /// `1 − lr·weight_decay`.
+    pub decay: f64,
+}
+
+/// `m ← β·m + (1−β)·g` (or with `g²`), in place.
+struct MovingAverage {
+    beta: f64,
+    square: bool,
+}
+
+/// Elements per parallel chunk of the element-wise Adam kernels.
+const ADAM_CHUNK: usize = 1 << 14;
+
+macro_rules! adam_kernels {
+    ($moment:ident, $apply:ident, $t:ty) => {
+        fn $moment(beta: f64, square: bool, m: &mut [$t], g: &[$t]) {
+            let (b, c) = (beta as $t, (1.0 - beta) as $t);
+            m.par_chunks_mut(ADAM_CHUNK)
+                .zip(g.par_chunks(ADAM_CHUNK))
+                .for_each(|(m, g)| {
+                    if square {
+                        m.iter_mut()
+                            .zip(g)
+                            .for_each(|(m, &g)| *m = b * *m + c * g * g);
+                    } else {
+                        m.iter_mut().zip(g).for_each(|(m, &g)| *m = b * *m + c * g);
+                    }
+                });
+        }
+
+        fn $apply(s: &AdamStep, p: &mut [$t], m: &[$t], v: &[$t]) {
+            let (decay, size) = (s.decay as $t, s.step_size as $t);
+            let (scale, eps) = (s.v_scale as $t, s.eps as $t);
+            p.par_chunks_mut(ADAM_CHUNK)
+                .zip(m.par_chunks(ADAM_CHUNK).zip(v.par_chunks(ADAM_CHUNK)))
+                .for_each(|(p, (m, v))| {
+                    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                        *p = decay * *p - size * m / (v.sqrt() * scale + eps);
+                    }
+                });
+        }
+    };
+}
+
+adam_kernels!(moment_f32, apply_f32, f32);
+adam_kernels!(moment_f64, apply_f64, f64);
+
+impl candle::InplaceOp2 for MovingAverage {
+    fn name(&self) -> &'static str {
+        "sbp-adam-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (a, b) = contiguous_range(l1)?;
+        match s1 {
+            CpuStorage::F32(m) => moment_f32(self.beta, self.square, &mut m[a..b], data(s2, l2)?),
+            CpuStorage::F64(m) => moment_f64(self.beta, self.square, &mut m[a..b], data(s2, l2)?),
+            _ => candle::bail!("adam: no in-place update for this dtype"),
+        }
+        Ok(())
+    }
+}
+
+/// `θ ← decay·θ − step_size · m / (sqrt(v)·v_scale + ε)`, in place.
+struct AdamApply(AdamStep);
+
+impl candle::InplaceOp3 for AdamApply {
+    fn name(&self) -> &'static str {
+        "sbp-adam-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (a, b) = contiguous_range(l1)?;
+        match s1 {
+            CpuStorage::F32(p) => apply_f32(&self.0, &mut p[a..b], data(s2, l2)?, data(s3, l3)?),
+            CpuStorage::F64(p) => apply_f64(&self.0, &mut p[a..b], data(s2, l2)?, data(s3, l3)?),
+            _ => candle::bail!("adam: no in-place update for this dtype"),
+        }
+        Ok(())
+    }
+}
+
+fn contiguous_range(l: &Layout) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle::Error::Msg("adam: the parameter is not contiguous".into()))
+}
+
+/// Updates `param`, `m` and `v` in place (two passes over memory, no allocation) where
+/// the kernels apply (CPU, f32/f64, same shapes, contiguous); returns `false` otherwise, and
+/// the caller updates with tensor ops.
+pub(crate) fn adam_in_place(
+    param: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    step: AdamStep,
+) -> Result<bool> {
+    let same = [m, v, grad].iter().all(|t| t.dims() == param.dims());
+    if !same || !fast_path(&[param, m, v, grad]) || ![param, m, v].iter().all(|t| t.is_contiguous())
+    {
+        return Ok(false);
+    }
+    let grad = grad.contiguous()?;
+    m.inplace_op2(
+        &grad,
+        &MovingAverage {
+            beta: step.beta1,
+            square: false,
+        },
+    )?;
+    v.inplace_op2(
+        &grad,
+        &MovingAverage {
+            beta: step.beta2,
+            square: true,
+        },
+    )?;
+    param.inplace_op3(m, v, &AdamApply(step))?;
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------------------
+// The noise layer: `y = x · θ(μ, log σ)` with θ and its derivatives drawn on the host.
+
+/// `θ` for one step of a noise layer and its derivatives, row-major `(rows, units)`
+/// (`rows` 1 when the draw is shared by the batch).
+#[derive(Debug, Clone)]
+pub(crate) struct NoiseDraw {
+    pub theta: Vec<f64>,
+    /// `∂θ/∂μ`.
+    pub d_mu: Vec<f64>,
+    /// `∂θ/∂log σ`.
+    pub d_log_sigma: Vec<f64>,
+    pub rows: usize,
+}
+
+/// `x · θ` as a custom op over `(x, μ, log σ)`: the forward pass multiplies by the drawn
+/// `θ`; the backward pass gives `x` its gradient `grad·θ` and `μ`, `log σ` theirs through
+/// `∂θ/∂μ`, `∂θ/∂log σ`: one op per layer and step instead of a dozen small ones.
+#[derive(Debug, Clone)]
+struct NoiseOp {
+    g: ScaleGeometry,
+    draw: std::sync::Arc<NoiseDraw>,
+}
+
+impl NoiseOp {
+    fn theta<T: WithDType>(&self) -> Vec<T> {
+        self.draw.theta.iter().map(|&v| T::from_f64(v)).collect()
+    }
+}
+
+impl CustomOp3 for NoiseOp {
+    fn name(&self) -> &'static str {
+        "sbp-noise"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(op: &NoiseOp, s: &CpuStorage, l: &Layout) -> Result<Vec<T>> {
+            scale_forward(&op.g, data(s, l)?, &op.theta::<T>())
+        }
+        let (out, _) = cpu_dispatch!(s1, run(self, s1, l1));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        mu: &Tensor,
+        log_sigma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want_dx = needs_grad(x);
+        let theta_dims: &[usize] = if self.g.per_example {
+            &[self.g.batch, self.g.units]
+        } else {
+            &[self.g.units]
+        };
+        let theta =
+            Tensor::from_slice(&self.draw.theta, theta_dims, x.device())?.to_dtype(x.dtype())?;
+        let op = ScaleBackwardOp {
+            g: self.g,
+            want: (want_dx, true),
+        };
+        let all = x.apply_op3_no_bwd(&theta, &grad.contiguous()?, &op)?;
+        let n_theta = self.draw.theta.len();
+        let d_theta: Vec<f64> = all.narrow(0, 0, n_theta)?.to_dtype(DType::F64)?.to_vec1()?;
+        let units = self.g.units;
+        let (mut d_mu, mut d_ls) = (vec![0.0; units], vec![0.0; units]);
+        for (k, &dt) in d_theta.iter().enumerate() {
+            d_mu[k % units] += dt * self.draw.d_mu[k];
+            d_ls[k % units] += dt * self.draw.d_log_sigma[k];
+        }
+        let param = |v: Vec<f64>, like: &Tensor| -> Result<Option<Tensor>> {
+            if !needs_grad(like) {
+                return Ok(None);
+            }
+            Ok(Some(
+                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())?,
+            ))
+        };
+        let dx = if want_dx {
+            Some(all.narrow(0, n_theta, x.elem_count())?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, param(d_mu, mu)?, param(d_ls, log_sigma)?))
+    }
+}
+
+/// Whether [`noise_multiply`] has a kernel for this input and these parameters.
+pub(crate) fn noise_applies(x: &Tensor, mu: &Tensor, log_sigma: &Tensor) -> bool {
+    x.rank() >= 2 && fast_path(&[x]) && mu.device().is_cpu() && log_sigma.device().is_cpu()
+}
+
+/// Multiplies unit axis 1 of `x` by the drawn `θ` with gradients flowing to `mu` and
+/// `log_sigma` (both `(units,)`), or `None` where the CPU kernel does not apply (the layer
+/// then builds the same product from candle ops).
+pub(crate) fn noise_multiply(
+    x: &Tensor,
+    mu: &Tensor,
+    log_sigma: &Tensor,
+    draw: NoiseDraw,
+) -> Result<Option<Tensor>> {
+    let dims = x.dims();
+    if !noise_applies(x, mu, log_sigma) {
+        return Ok(None);
+    }
+    let units = dims[1];
+    let per_example = draw.rows != 1;
+    if draw.theta.len() != draw.rows * units || mu.elem_count() != units {
+        candle::bail!(
+            "noise: {} draws for {} rows of {units} units",
+            draw.theta.len(),
+            draw.rows
+        );
+    }
+    if per_example && draw.rows != dims[0] {
+        candle::bail!(
+            "noise: {} rows of draws for a batch of {}",
+            draw.rows,
+            dims[0]
+        );
+    }
+    let g = ScaleGeometry {
+        batch: dims[0],
+        units,
+        inner: dims[2..].iter().product(),
+        per_example,
+    };
+    let op = NoiseOp {
+        g,
+        draw: std::sync::Arc::new(draw),
+    };
+    Ok(Some(x.contiguous()?.apply_op3(mu, log_sigma, op)?))
+}
+
+/// A scalar `value` whose gradients with respect to `mu` and `log_sigma` are `g_mu` and
+/// `g_log_sigma`: the noise layer's KL term in one op.
+#[derive(Debug, Clone)]
+struct SurrogateOp {
+    value: f64,
+    g_mu: std::sync::Arc<Vec<f64>>,
+    g_log_sigma: std::sync::Arc<Vec<f64>>,
+}
+
+impl CustomOp2 for SurrogateOp {
+    fn name(&self) -> &'static str {
+        "sbp-surrogate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(vec![self.value as f32]),
+            CpuStorage::F64(_) => CpuStorage::F64(vec![self.value]),
+            other => candle::bail!("surrogate: no CPU kernel for {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        mu: &Tensor,
+        log_sigma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let scaled = |v: &[f64], like: &Tensor| -> Result<Option<Tensor>> {
+            if !needs_grad(like) {
+                return Ok(None);
+            }
+            let v: Vec<f64> = v.iter().map(|&d| d * g).collect();
+            Ok(Some(
+                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())?,
+            ))
+        };
+        Ok((
+            scaled(&self.g_mu, mu)?,
+            scaled(&self.g_log_sigma, log_sigma)?,
+        ))
+    }
+}
+
+/// The scalar `value` with gradients `g_mu`, `g_log_sigma`, or `None` off the CPU.
+pub(crate) fn surrogate_scalar(
+    mu: &Tensor,
+    log_sigma: &Tensor,
+    value: f64,
+    g_mu: Vec<f64>,
+    g_log_sigma: Vec<f64>,
+) -> Result<Option<Tensor>> {
+    if !fast_path(&[mu, log_sigma])
+        || g_mu.len() != mu.elem_count()
+        || g_log_sigma.len() != log_sigma.elem_count()
+    {
+        return Ok(None);
+    }
+    let op = SurrogateOp {
+        value,
+        g_mu: std::sync::Arc::new(g_mu),
+        g_log_sigma: std::sync::Arc::new(g_log_sigma),
+    };
+    Ok(Some(mu.apply_op2(log_sigma, op)?))
+}

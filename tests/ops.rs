@@ -1,0 +1,260 @@
+//! The CPU kernels of `candle_sbp::ops` against candle's own ops: values and every gradient
+//! (input, weight, bias, scale) on random shapes, strides, paddings and dilations, in f64
+//! (to 1e-9) and f32 (to 1e-5), and the gradients that nothing needs are not computed.
+
+mod common;
+
+use candle::{DType, Device, Tensor, Var};
+use candle_sbp::ops;
+use common::relative_error;
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn random(rng: &mut StdRng, dims: &[usize], dtype: DType) -> Tensor {
+    let n: usize = dims.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        1e-9
+    } else {
+        1e-5
+    }
+}
+
+/// `Σ y·r` for a fixed random `r`: a loss whose gradient with respect to `y` is `r`.
+fn probe(y: &Tensor, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let r = random(&mut rng, y.dims(), y.dtype());
+    (y * r).unwrap().sum_all().unwrap()
+}
+
+/// Checks values and the gradients of every variable in `vars` (which both closures read).
+fn check(
+    vars: &[&Var],
+    ours: impl Fn() -> Tensor,
+    reference: impl Fn() -> Tensor,
+    dtype: DType,
+    what: &str,
+) {
+    let (y, r) = (ours(), reference());
+    assert_eq!(y.dims(), r.dims(), "{what}: output shape");
+    let err = relative_error(&r, &y);
+    assert!(err < tolerance(dtype), "{what}: values differ by {err:e}");
+    let g_ours = probe(&y, 7).backward().unwrap();
+    let g_ref = probe(&r, 7).backward().unwrap();
+    for (k, v) in vars.iter().enumerate() {
+        let a = g_ref.get(v.as_tensor()).expect("reference gradient");
+        let b = g_ours
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: no gradient for variable {k}"));
+        let err = relative_error(a, b);
+        assert!(
+            err < tolerance(dtype),
+            "{what}: gradient {k} differs by {err:e}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn conv2d_matches_candle(
+        seed in 0u64..1_000_000,
+        batch in 1usize..5,
+        c_in in 1usize..5,
+        c_out in 1usize..6,
+        size in 3usize..10,
+        k in 1usize..4,
+        stride in 1usize..3,
+        padding in 0usize..3,
+        dilation in 1usize..3,
+        bias in any::<bool>(),
+        f64_ in any::<bool>(),
+    ) {
+        let span = dilation * (k - 1) + 1;
+        prop_assume!(size + 2 * padding >= span);
+        let dtype = if f64_ { DType::F64 } else { DType::F32 };
+        let mut rng = StdRng::seed_from_u64(seed);
+        // candle's own backward pads both axes as the height needs, so its gradients are
+        // only right for square inputs once the stride is above 1.
+        let width = if stride == 1 { size + 1 } else { size };
+        let x = Var::from_tensor(&random(&mut rng, &[batch, c_in, size, width], dtype)).unwrap();
+        let w = Var::from_tensor(&random(&mut rng, &[c_out, c_in, k, k], dtype)).unwrap();
+        let b = Var::from_tensor(&random(&mut rng, &[c_out], dtype)).unwrap();
+        let what = format!("conv2d {batch}×{c_in}×{size} → {c_out}, k{k} s{stride} p{padding} d{dilation}");
+        let bias_of = |b: &Var| bias.then(|| b.as_tensor().clone());
+        let ours = || ops::conv2d(x.as_tensor(), w.as_tensor(), bias_of(&b).as_ref(), padding, stride, dilation, 1).unwrap();
+        let reference = || {
+            let y = x.as_tensor().conv2d(w.as_tensor(), padding, stride, dilation, 1).unwrap();
+            match bias_of(&b) {
+                Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap()).unwrap(),
+                None => y,
+            }
+        };
+        let mut vars = vec![&x, &w];
+        if bias {
+            vars.push(&b);
+        }
+        check(&vars, ours, reference, dtype, &what);
+    }
+
+    #[test]
+    fn linear_matches_candle(
+        seed in 0u64..1_000_000,
+        batch in 1usize..9,
+        inputs in 1usize..40,
+        outputs in 1usize..30,
+        bias in any::<bool>(),
+        f64_ in any::<bool>(),
+    ) {
+        let dtype = if f64_ { DType::F64 } else { DType::F32 };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x = Var::from_tensor(&random(&mut rng, &[batch, inputs], dtype)).unwrap();
+        let w = Var::from_tensor(&random(&mut rng, &[outputs, inputs], dtype)).unwrap();
+        let b = Var::from_tensor(&random(&mut rng, &[outputs], dtype)).unwrap();
+        let bias_of = |b: &Var| bias.then(|| b.as_tensor().clone());
+        let ours = || ops::linear(x.as_tensor(), w.as_tensor(), bias_of(&b).as_ref()).unwrap();
+        let reference = || {
+            let l = candle_nn::Linear::new(w.as_tensor().clone(), bias_of(&b));
+            candle::Module::forward(&l, x.as_tensor()).unwrap()
+        };
+        let mut vars = vec![&x, &w];
+        if bias {
+            vars.push(&b);
+        }
+        check(&vars, ours, reference, dtype, &format!("linear {batch}×{inputs} → {outputs}"));
+    }
+
+    #[test]
+    fn max_pool_matches_candle(
+        seed in 0u64..1_000_000,
+        batch in 1usize..4,
+        channels in 1usize..5,
+        size in 2usize..12,
+        kernel in 1usize..4,
+        f64_ in any::<bool>(),
+    ) {
+        prop_assume!(size >= kernel);
+        let dtype = if f64_ { DType::F64 } else { DType::F32 };
+        let mut rng = StdRng::seed_from_u64(seed);
+        // Random values have no ties, where the two ops route gradients differently.
+        let x = Var::from_tensor(&random(&mut rng, &[batch, channels, size, size + 2], dtype)).unwrap();
+        // candle 0.11's own max-pool gradient is scaled by 1/kernel² (it multiplies by the
+        // share of maxima in the window where it means to divide), so the reference is a
+        // reshape and two max reductions over each window of the cropped input.
+        let (oh, ow) = (size / kernel, (size + 2) / kernel);
+        let ours = || ops::max_pool2d(x.as_tensor(), kernel, kernel).unwrap();
+        let reference = || {
+            let cropped = x.as_tensor().narrow(2, 0, oh * kernel).unwrap().narrow(3, 0, ow * kernel).unwrap();
+            cropped
+                .contiguous().unwrap()
+                .reshape((batch, channels, oh, kernel, ow, kernel)).unwrap()
+                .max(5).unwrap()
+                .max(3).unwrap()
+        };
+        check(&[&x], ours, reference, dtype, &format!("max-pool {size} k{kernel}"));
+    }
+
+    #[test]
+    fn scale_units_matches_broadcast_mul(
+        seed in 0u64..1_000_000,
+        batch in 1usize..6,
+        units in 1usize..9,
+        inner in prop::sample::select(vec![vec![], vec![3], vec![2, 5]]),
+        per_example in any::<bool>(),
+        f64_ in any::<bool>(),
+    ) {
+        let dtype = if f64_ { DType::F64 } else { DType::F32 };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut dims = vec![batch, units];
+        dims.extend(&inner);
+        let x = Var::from_tensor(&random(&mut rng, &dims, dtype)).unwrap();
+        let s_dims = if per_example { vec![batch, units] } else { vec![units] };
+        let s = Var::from_tensor(&random(&mut rng, &s_dims, dtype)).unwrap();
+        let mut b_dims = vec![1usize; dims.len()];
+        b_dims[1] = units;
+        if per_example {
+            b_dims[0] = batch;
+        }
+        let ours = || ops::scale_units(x.as_tensor(), s.as_tensor()).unwrap();
+        let reference = || x.as_tensor().broadcast_mul(&s.as_tensor().reshape(b_dims.as_slice()).unwrap()).unwrap();
+        check(&[&x, &s], ours, reference, dtype, &format!("scale {dims:?} by {s_dims:?}"));
+    }
+}
+
+/// The image fed to the first layer is no variable: its gradient is neither returned nor
+/// computed, while the weights' gradients stay exact.
+#[test]
+fn gradients_nothing_needs_are_skipped() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let image = random(&mut rng, &[4, 1, 12, 12], DType::F64);
+    let w = Var::from_tensor(&random(&mut rng, &[6, 1, 5, 5], DType::F64)).unwrap();
+    let y = ops::conv2d(&image, w.as_tensor(), None, 0, 1, 1, 1).unwrap();
+    let grads = probe(&y, 1).backward().unwrap();
+    assert!(grads.get(&image).is_none());
+    let r = image.conv2d(w.as_tensor(), 0, 1, 1, 1).unwrap();
+    let reference = probe(&r, 1).backward().unwrap();
+    let err = relative_error(
+        reference.get(w.as_tensor()).unwrap(),
+        grads.get(w.as_tensor()).unwrap(),
+    );
+    assert!(err < 1e-12, "weight gradient differs by {err:e}");
+
+    let x = random(&mut rng, &[3, 10], DType::F64);
+    let lw = Var::from_tensor(&random(&mut rng, &[4, 10], DType::F64)).unwrap();
+    let grads = probe(&ops::linear(&x, lw.as_tensor(), None).unwrap(), 2)
+        .backward()
+        .unwrap();
+    assert!(grads.get(&x).is_none());
+    assert!(grads.get(lw.as_tensor()).is_some());
+}
+
+/// Shapes the kernels cannot take are typed errors, as candle's own ops give.
+#[test]
+fn bad_shapes_are_errors() {
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((5, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        ops::conv2d(&x, &w, None, 0, 1, 1, 1).is_err(),
+        "channel mismatch"
+    );
+    let w = Tensor::zeros((5, 3, 7, 7), DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        ops::conv2d(&x, &w, None, 0, 1, 1, 1).is_err(),
+        "kernel larger than input"
+    );
+    let w = Tensor::zeros((5, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        ops::conv2d(&x, &w, Some(&b), 0, 1, 1, 1).is_err(),
+        "bias length"
+    );
+    let s = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    assert!(ops::scale_units(&x, &s).is_err(), "scale length");
+    let v = Tensor::zeros((2, 7), DType::F32, &Device::Cpu).unwrap();
+    let lw = Tensor::zeros((3, 6), DType::F32, &Device::Cpu).unwrap();
+    assert!(ops::linear(&v, &lw, None).is_err(), "linear input width");
+    assert!(
+        ops::max_pool2d(&x, 5, 5).is_err(),
+        "pool window larger than input"
+    );
+}
+
+/// Grouped convolutions take candle's own path and give its values.
+#[test]
+fn grouped_convolutions_fall_back_to_candle() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let x = random(&mut rng, &[2, 4, 6, 6], DType::F32);
+    let w = random(&mut rng, &[4, 1, 3, 3], DType::F32);
+    let ours = ops::conv2d(&x, &w, None, 1, 1, 1, 4).unwrap();
+    let reference = x.conv2d(&w, 1, 1, 1, 4).unwrap();
+    assert_eq!(relative_error(&reference, &ours), 0.0);
+}
