@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::compress::{compress, CompressConfig, Compressed};
 use crate::data::ImageSet;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layer::LogNormalDropoutConfig;
 use crate::net::Net;
 use crate::report::{test_error, time_forward, ExperimentReport};
@@ -37,6 +37,9 @@ pub struct ExperimentConfig {
     pub lr: f64,
     /// Learning rate of the noise parameters.
     pub noise_lr: f64,
+    /// Per-layer weights of the KL term by noise-layer name (1 where absent): above 1, a
+    /// layer is pushed harder to prune.
+    pub kl_weights: std::collections::BTreeMap<String, f64>,
     /// Checkpoint directory (each phase in its own subfolder); resumes a run.
     pub checkpoint: Option<PathBuf>,
     /// Progress bars.
@@ -58,6 +61,7 @@ impl Default for ExperimentConfig {
             batch_size: 100,
             lr: 1e-3,
             noise_lr: 0.05,
+            kl_weights: Default::default(),
             checkpoint: None,
             progress: true,
             timed_batch: 100,
@@ -113,6 +117,17 @@ pub fn run(
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &config.device);
     let mut net = model(Some(LogNormalDropoutConfig::default()), vb)?;
     net.reset_parameters(config.seed)?;
+    let noise_names: Vec<String> = net
+        .noise_layers()
+        .iter()
+        .map(|(_, l)| l.name().to_string())
+        .collect();
+    if let Some(unknown) = config.kl_weights.keys().find(|k| !noise_names.contains(k)) {
+        return Err(Error::InvalidConfig {
+            layer: unknown.clone(),
+            reason: format!("a KL weight for no noise layer (the noise layers: {noise_names:?})"),
+        });
+    }
     let adam = |lr| AdamConfig {
         lr,
         beta1: 0.95,
@@ -125,10 +140,10 @@ pub fn run(
         noise: adam(noise_lr),
         constant_epochs: epochs / 2,
         kl_scale,
+        kl_weights: config.kl_weights.clone(),
         seed: config.seed,
         checkpoint: config.checkpoint.as_ref().map(|c| c.join(sub)),
         progress: config.progress,
-        ..Default::default()
     };
     let start = Instant::now();
     let pretrain = phase(config.epochs_pretrain, 0.0, 0.0, "pretrain");

@@ -22,6 +22,7 @@ use candle::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::truncnorm::{
@@ -265,7 +266,7 @@ impl LogNormalDropout {
 
     /// Per-unit signal-to-noise ratio `E[θ]/sqrt(Var[θ])`.
     pub fn snr(&self) -> Result<Vec<f64>> {
-        Ok(self.distributions()?.iter().map(|d| d.snr()).collect())
+        Ok(self.distributions()?.par_iter().map(|d| d.snr()).collect())
     }
 
     /// Per-unit `E[θ]`.
@@ -296,16 +297,18 @@ impl LogNormalDropout {
     /// The training objective is `cross-entropy + Σ_layers kl() / N_train`.
     pub fn kl(&self) -> Result<Tensor> {
         let params = self.clamped_params()?;
-        let units = params.len();
-        let mut total = 0.0;
-        let (mut g_mu, mut g_ls) = (Vec::with_capacity(units), Vec::with_capacity(units));
-        for p in &params {
-            total += p.dist.kl();
-            let g = p.dist.kl_grad();
-            let (d_mu, d_ls) = p.gate(g.d_mu, g.d_log_sigma);
-            g_mu.push(d_mu);
-            g_ls.push(d_ls);
-        }
+        let terms: Vec<(f64, (f64, f64))> = params
+            .par_chunks(PAR_UNITS)
+            .flat_map_iter(|chunk| {
+                chunk.iter().map(|p| {
+                    let g = p.dist.kl_grad();
+                    (p.dist.kl(), p.gate(g.d_mu, g.d_log_sigma))
+                })
+            })
+            .collect();
+        // Summed in unit order, so the total does not depend on the thread count.
+        let total: f64 = terms.iter().map(|t| t.0).sum();
+        let (g_mu, g_ls): (Vec<f64>, Vec<f64>) = terms.into_iter().map(|t| t.1).unzip();
         // On the CPU, one op; elsewhere, a candle expression with the same value and gradient.
         let fused = crate::ops::surrogate_scalar(
             &self.mu,
@@ -329,15 +332,7 @@ impl LogNormalDropout {
         let theta = if train {
             let (log_theta, g_mu, g_ls, rows) = self.draw(xs)?;
             if self.config.axis == 1 && crate::ops::noise_applies(xs, &self.mu, &self.log_sigma) {
-                // One fused op: θ and its derivatives (∂θ = θ·∂log θ) from the host draw.
-                let theta: Vec<f64> = log_theta.iter().map(|v| v.exp()).collect();
-                let scale = |g: &[f64]| theta.iter().zip(g).map(|(t, g)| t * g).collect();
-                let draw = crate::ops::NoiseDraw {
-                    d_mu: scale(&g_mu),
-                    d_log_sigma: scale(&g_ls),
-                    theta,
-                    rows,
-                };
+                let draw = theta_draw(&log_theta, &g_mu, &g_ls, rows);
                 if let Some(y) = crate::ops::noise_multiply(xs, &self.mu, &self.log_sigma, draw)? {
                     return Ok(y);
                 }
@@ -354,11 +349,35 @@ impl LogNormalDropout {
         }
     }
 
+    /// In training, `linear(x ⊙ θ)` in one fused op, where `x` needs no gradient (the
+    /// network's input), the draw is shared by the batch and the kernel applies; `None`
+    /// otherwise (nothing drawn then), and the caller applies the layers one by one.
+    pub(crate) fn forward_into_linear(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        w: &Tensor,
+        b: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let fusable = train
+            && self.config.axis == 1
+            && self.config.noise == NoiseMode::SharedPerBatch
+            && crate::ops::noise_linear_applies(xs, &self.mu, &self.log_sigma, w);
+        if !fusable {
+            return Ok(None);
+        }
+        self.check_input(xs)?;
+        let (log_theta, g_mu, g_ls, rows) = self.draw(xs)?;
+        let draw = theta_draw(&log_theta, &g_mu, &g_ls, rows);
+        let params = (&self.mu, &self.log_sigma);
+        Ok(Some(crate::ops::noise_linear(xs, params, draw, w, b)?))
+    }
+
     /// The evaluation-time multiplier per unit: `E[θ]` where kept, 0 where removed.
     pub fn eval_multiplier_values(&self) -> Result<Vec<f64>> {
         Ok(self
             .distributions()?
-            .iter()
+            .par_iter()
             .map(|d| if self.keeps(d) { d.mean() } else { 0.0 })
             .collect())
     }
@@ -380,16 +399,27 @@ impl LogNormalDropout {
             NoiseMode::PerExample => xs.dim(0)?,
         };
         let n = rows * units;
+        // The uniforms in stream order, then the (costlier) transforms in parallel: the
+        // same values on any number of threads.
+        let uniforms: Vec<f64> = {
+            let mut rng = self.lock_rng();
+            (0..n).map(|_| open_unit(&mut rng)).collect()
+        };
         let (mut value, mut g_mu, mut g_ls) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        let mut rng = self.lock_rng();
-        for row in 0..rows {
-            for (j, p) in params.iter().enumerate() {
-                let s = p.dist.sample_unchecked(open_unit(&mut rng));
-                let k = row * units + j;
-                value[k] = s.log_theta;
-                (g_mu[k], g_ls[k]) = p.gate(s.d_mu, s.d_log_sigma);
-            }
-        }
+        value
+            .par_chunks_mut(PAR_UNITS)
+            .zip(g_mu.par_chunks_mut(PAR_UNITS))
+            .zip(g_ls.par_chunks_mut(PAR_UNITS))
+            .enumerate()
+            .for_each(|(c, ((value, g_mu), g_ls))| {
+                for (j, ((v, gm), gl)) in value.iter_mut().zip(g_mu).zip(g_ls).enumerate() {
+                    let k = c * PAR_UNITS + j;
+                    let p = &params[k % units];
+                    let s = p.dist.sample_unchecked(uniforms[k]);
+                    *v = s.log_theta;
+                    (*gm, *gl) = p.gate(s.d_mu, s.d_log_sigma);
+                }
+            });
         Ok((value, g_mu, g_ls, rows))
     }
 
@@ -547,6 +577,22 @@ impl UnitParams {
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1()?)
 }
+
+/// `θ = exp(log θ)` and its derivatives (`∂θ = θ·∂log θ`) from a host draw.
+fn theta_draw(log_theta: &[f64], g_mu: &[f64], g_ls: &[f64], rows: usize) -> crate::ops::NoiseDraw {
+    let theta: Vec<f64> = log_theta.iter().map(|v| v.exp()).collect();
+    let scale = |g: &[f64]| theta.iter().zip(g).map(|(t, g)| t * g).collect();
+    crate::ops::NoiseDraw {
+        d_mu: scale(g_mu),
+        d_log_sigma: scale(g_ls),
+        theta,
+        rows,
+    }
+}
+
+/// Units per parallel chunk of the host-side draws and statistics (each unit costs a
+/// fraction of a microsecond; smaller chunks would cost more to schedule than to compute).
+const PAR_UNITS: usize = 256;
 
 /// A uniform draw in the open interval (0, 1): `(k + 1/2) / 2⁵³`.
 pub(crate) fn open_unit(rng: &mut StdRng) -> f64 {

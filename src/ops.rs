@@ -1563,3 +1563,208 @@ pub(crate) fn surrogate_scalar(
     };
     Ok(Some(mu.apply_op2(log_sigma, op)?))
 }
+
+// ---------------------------------------------------------------------------------------
+// A noise layer on an input that needs no gradient, feeding a linear layer.
+
+/// `(x ⊙ θ)·wᵀ` for an `x` that needs no gradient (the image, or its flattening) and a
+/// `θ` shared by the batch, as a custom op over `(w, μ, log σ)`. With `A = gradᵀ·x` (one
+/// GEMM), `dw = A·diag(θ)` and `dθ_u = Σ_o w_ou·A_ou`: the GEMM that an unfused layer
+/// spends on the gradient of its input, which only served `dθ`, is saved.
+#[derive(Debug, Clone)]
+struct NoiseLinearOp {
+    x: Tensor,
+    g: LinearGeometry,
+    draw: std::sync::Arc<NoiseDraw>,
+}
+
+fn noise_linear_forward<T: WithDType>(
+    g: &LinearGeometry,
+    x: &[T],
+    theta: &[f64],
+    w: &[T],
+) -> Result<Vec<T>> {
+    let theta: Vec<T> = theta.iter().map(|&t| T::from_f64(t)).collect();
+    let mut scaled = x.to_vec();
+    for row in scaled.chunks_mut(g.inputs) {
+        row.iter_mut().zip(&theta).for_each(|(v, &t)| *v *= t);
+    }
+    linear_forward(g, &scaled, w, None)
+}
+
+/// `[dw (o·i), dθ (i)]` in one buffer.
+fn noise_linear_backward<T: WithDType>(
+    g: &LinearGeometry,
+    x: &[T],
+    theta: &[f64],
+    w: &[T],
+    grad: &[T],
+) -> Result<Vec<T>> {
+    let (n, i, o) = (g.batch, g.inputs, g.outputs);
+    let mut out = vec![T::zero(); o * i + i];
+    let (a, d_theta) = out.split_at_mut(o * i);
+    // A (o×i) = gradᵀ (o×n) · x (n×i)
+    matmul(
+        (o, i, n),
+        a,
+        false,
+        (grad, 1, o),
+        (x, i, 1),
+        parallelism(false),
+    )?;
+    let theta: Vec<T> = theta.iter().map(|&t| T::from_f64(t)).collect();
+    for (a_row, w_row) in a.chunks_mut(i).zip(w.chunks(i)) {
+        for (u, (a, &w)) in a_row.iter_mut().zip(w_row).enumerate() {
+            d_theta[u] += w * *a;
+            *a *= theta[u];
+        }
+    }
+    Ok(out)
+}
+
+impl CustomOp3 for NoiseLinearOp {
+    fn name(&self) -> &'static str {
+        "sbp-noise-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(op: &NoiseLinearOp, s: &CpuStorage, l: &Layout) -> Result<Vec<T>> {
+            let (xs, xl) = op.x.storage_and_layout();
+            let candle::Storage::Cpu(xs) = &*xs else {
+                candle::bail!("noise-linear: the input left the CPU");
+            };
+            noise_linear_forward(&op.g, data(xs, xl)?, &op.draw.theta, data(s, l)?)
+        }
+        let (out, _) = cpu_dispatch!(s1, run(self, s1, l1));
+        Ok((out, Shape::from((self.g.batch, self.g.outputs))))
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        mu: &Tensor,
+        log_sigma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = NoiseLinearBackwardOp(self.clone());
+        let all = w.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let (o, i) = (self.g.outputs, self.g.inputs);
+        let dw = all.narrow(0, 0, o * i)?.reshape(w.shape())?;
+        let d_theta: Vec<f64> = all.narrow(0, o * i, i)?.to_dtype(DType::F64)?.to_vec1()?;
+        let param = |d: &[f64], like: &Tensor| -> Result<Option<Tensor>> {
+            if !needs_grad(like) {
+                return Ok(None);
+            }
+            let v: Vec<f64> = d_theta.iter().zip(d).map(|(a, b)| a * b).collect();
+            Ok(Some(
+                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())?,
+            ))
+        };
+        Ok((
+            Some(dw),
+            param(&self.draw.d_mu, mu)?,
+            param(&self.draw.d_log_sigma, log_sigma)?,
+        ))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NoiseLinearBackwardOp(NoiseLinearOp);
+
+impl CustomOp2 for NoiseLinearBackwardOp {
+    fn name(&self) -> &'static str {
+        "sbp-noise-linear-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(
+            op: &NoiseLinearOp,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            let (xs, xl) = op.x.storage_and_layout();
+            let candle::Storage::Cpu(xs) = &*xs else {
+                candle::bail!("noise-linear: the input left the CPU");
+            };
+            noise_linear_backward(
+                &op.g,
+                data(xs, xl)?,
+                &op.draw.theta,
+                data(s1, l1)?,
+                data(s2, l2)?,
+            )
+        }
+        let (out, len) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2)));
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// Whether [`noise_linear`] has a kernel for this input, noise parameters and weight: an
+/// `x` `(N, I)` on the CPU that needs no gradient.
+pub(crate) fn noise_linear_applies(
+    x: &Tensor,
+    mu: &Tensor,
+    log_sigma: &Tensor,
+    w: &Tensor,
+) -> bool {
+    x.rank() == 2
+        && w.rank() == 2
+        && !needs_grad(x)
+        && x.dim(1).ok() == w.dim(1).ok()
+        && x.dim(1).ok() == Some(mu.elem_count())
+        && fast_path(&[x, w])
+        && mu.device().is_cpu()
+        && log_sigma.device().is_cpu()
+}
+
+/// `(x ⊙ θ)·wᵀ + b` for a noise layer's draw shared by the batch, where
+/// [`noise_linear_applies`].
+pub(crate) fn noise_linear(
+    x: &Tensor,
+    (mu, log_sigma): (&Tensor, &Tensor),
+    draw: NoiseDraw,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    if !noise_linear_applies(x, mu, log_sigma, w)
+        || draw.rows != 1
+        || draw.theta.len() != mu.elem_count()
+    {
+        candle::bail!(
+            "noise-linear: no fused kernel for input {:?} and weight {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let g = LinearGeometry {
+        batch: x.dim(0)?,
+        inputs: x.dim(1)?,
+        outputs: w.dim(0)?,
+        bias: false,
+    };
+    let op = NoiseLinearOp {
+        x: x.contiguous()?,
+        g,
+        draw: std::sync::Arc::new(draw),
+    };
+    let y = w.contiguous()?.apply_op3(mu, log_sigma, op)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}

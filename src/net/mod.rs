@@ -474,6 +474,7 @@ impl Net {
         }
         let mut values: Vec<Option<Tensor>> = vec![None; n];
         let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
+        let mut deferred = vec![false; n];
         for i in 0..n {
             let out = {
                 let ins: Vec<&Tensor> = self.spec.nodes[i]
@@ -485,8 +486,15 @@ impl Net {
                             .expect("inputs are computed and kept until last use")
                     })
                     .collect();
+                let deferred_input = self.spec.nodes[i].inputs.first().filter(|&&k| deferred[k]);
                 let out = if i == 0 {
                     xs.to_dtype(self.dtype)?
+                } else if self.defers_noise(i, train, taps) {
+                    // Held back for its consumer, a linear layer, to apply in one fused op.
+                    deferred[i] = true;
+                    ins[0].clone()
+                } else if let Some(&k) = deferred_input {
+                    self.noise_then_linear(k, i, ins[0], train)?
                 } else {
                     self.apply(i, &ins, train)?
                 };
@@ -513,6 +521,42 @@ impl Net {
                 .map(|t| t.expect("every tap was computed"))
                 .collect(),
         ))
+    }
+
+    /// Whether noise node `i` may leave its product to its only consumer, a linear layer
+    /// (see [`LogNormalDropout::forward_into_linear`]): in training, unmasked, untapped.
+    fn defers_noise(&self, i: usize, train: bool, taps: &[usize]) -> bool {
+        if !train || self.masks[i].is_some() || taps.contains(&i) {
+            return false;
+        }
+        let NodeImpl::Noise(layer) = &self.nodes[i] else {
+            return false;
+        };
+        let mut consumers =
+            (0..self.nodes.len()).filter(|&j| self.spec.nodes[j].inputs.contains(&i));
+        match (consumers.next(), consumers.next()) {
+            (Some(j), None) => {
+                matches!(self.nodes[j], NodeImpl::Linear(_))
+                    && self.spec.nodes[j].inputs == [i]
+                    && layer.config().noise == crate::layer::NoiseMode::SharedPerBatch
+            }
+            _ => false,
+        }
+    }
+
+    /// Noise node `k` then linear node `i` on `x`, fused where the kernel applies.
+    fn noise_then_linear(&self, k: usize, i: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (NodeImpl::Noise(layer), NodeImpl::Linear(l)) = (&self.nodes[k], &self.nodes[i]) else {
+            return Err(graph(
+                &self.spec.nodes[i].name,
+                "internal: a deferred noise node must feed a linear layer".to_string(),
+            ));
+        };
+        if let Some(y) = layer.forward_into_linear(x, train, l.weight(), l.bias())? {
+            return Ok(y);
+        }
+        let z = layer.forward_t(x, train)?;
+        Ok(crate::ops::linear(&z, l.weight(), l.bias())?)
     }
 
     fn apply(&self, i: usize, ins: &[&Tensor], train: bool) -> Result<Tensor> {

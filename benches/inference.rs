@@ -1,0 +1,35 @@
+//! Eval-mode inference of the dense networks and of their compressed forms (half of every
+//! SBP layer's units removed), at batch 1 and batch 100.
+
+mod common;
+
+use std::time::Duration;
+
+use candle_sbp::{compress, CompressConfig};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+fn inference(c: &mut Criterion) {
+    let mut group = c.benchmark_group("inference");
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(4));
+    for (name, build) in common::NETS {
+        let dense = common::net(build, false);
+        let compressed = compress(&common::half_pruned(build), &CompressConfig::default())
+            .expect("compress")
+            .net;
+        for batch in [1usize, 100] {
+            let (x, _) = common::batch(batch, 2);
+            for (kind, net) in [("dense", &dense), ("compressed", &compressed)] {
+                let id = BenchmarkId::new(format!("{name}/{kind}"), batch);
+                group.bench_with_input(id, &x, |b, x| {
+                    b.iter(|| net.forward_t(x, false).expect("forward"))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, inference);
+criterion_main!(benches);
