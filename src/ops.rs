@@ -1214,135 +1214,173 @@ pub(crate) struct AdamStep {
     pub decay: f64,
 }
 
-/// `m ← β·m + (1−β)·g` (or with `g²`), in place.
-struct MovingAverage {
-    beta: f64,
-    square: bool,
+/// Adam's two moments of one parameter, kept on the host next to a CPU parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum HostMoments {
+    F32(Vec<f32>, Vec<f32>),
+    F64(Vec<f64>, Vec<f64>),
 }
 
-/// Elements per parallel chunk of the element-wise Adam kernels.
+impl HostMoments {
+    /// Zero moments for `param`, or `None` where the fused kernel does not apply.
+    pub(crate) fn for_param(param: &Tensor) -> Option<Self> {
+        if !fast_path(&[param]) || !param.is_contiguous() {
+            return None;
+        }
+        let n = param.elem_count();
+        Some(match param.dtype() {
+            DType::F32 => Self::F32(vec![0.0; n], vec![0.0; n]),
+            _ => Self::F64(vec![0.0; n], vec![0.0; n]),
+        })
+    }
+
+    /// The moments `(m, v)` as tensors of `shape` on the CPU.
+    pub(crate) fn tensors(&self, shape: &Shape) -> Result<(Tensor, Tensor)> {
+        let cpu = &candle::Device::Cpu;
+        Ok(match self {
+            Self::F32(m, v) => (
+                Tensor::from_slice(m, shape, cpu)?,
+                Tensor::from_slice(v, shape, cpu)?,
+            ),
+            Self::F64(m, v) => (
+                Tensor::from_slice(m, shape, cpu)?,
+                Tensor::from_slice(v, shape, cpu)?,
+            ),
+        })
+    }
+
+    /// Overwrites the moments with `m` and `v` (any shape with the same element count).
+    pub(crate) fn set(&mut self, m: &Tensor, v: &Tensor) -> Result<()> {
+        let flat = |t: &Tensor, dtype| {
+            t.flatten_all()?
+                .to_dtype(dtype)?
+                .to_device(&candle::Device::Cpu)
+        };
+        match self {
+            Self::F32(hm, hv) => {
+                let (m, v) = (
+                    flat(m, DType::F32)?.to_vec1()?,
+                    flat(v, DType::F32)?.to_vec1()?,
+                );
+                if m.len() != hm.len() || v.len() != hv.len() {
+                    candle::bail!(
+                        "adam: moments of {} values for a parameter of {}",
+                        m.len(),
+                        hm.len()
+                    );
+                }
+                (*hm, *hv) = (m, v);
+            }
+            Self::F64(hm, hv) => {
+                let (m, v) = (
+                    flat(m, DType::F64)?.to_vec1()?,
+                    flat(v, DType::F64)?.to_vec1()?,
+                );
+                if m.len() != hm.len() || v.len() != hv.len() {
+                    candle::bail!(
+                        "adam: moments of {} values for a parameter of {}",
+                        m.len(),
+                        hm.len()
+                    );
+                }
+                (*hm, *hv) = (m, v);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Elements per parallel chunk of the Adam kernel.
 const ADAM_CHUNK: usize = 1 << 14;
 
-macro_rules! adam_kernels {
-    ($moment:ident, $apply:ident, $t:ty) => {
-        fn $moment(beta: f64, square: bool, m: &mut [$t], g: &[$t]) {
-            let (b, c) = (beta as $t, (1.0 - beta) as $t);
-            m.par_chunks_mut(ADAM_CHUNK)
-                .zip(g.par_chunks(ADAM_CHUNK))
-                .for_each(|(m, g)| {
-                    if square {
-                        m.iter_mut()
-                            .zip(g)
-                            .for_each(|(m, &g)| *m = b * *m + c * g * g);
-                    } else {
-                        m.iter_mut().zip(g).for_each(|(m, &g)| *m = b * *m + c * g);
-                    }
-                });
-        }
-
-        fn $apply(s: &AdamStep, p: &mut [$t], m: &[$t], v: &[$t]) {
+macro_rules! adam_kernel {
+    ($name:ident, $t:ty) => {
+        /// One pass: `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+        /// `θ ← decay·θ − step_size · m / (sqrt(v)·v_scale + ε)`.
+        fn $name(s: &AdamStep, p: &mut [$t], g: &[$t], m: &mut [$t], v: &mut [$t]) {
+            let (b1, c1) = (s.beta1 as $t, (1.0 - s.beta1) as $t);
+            let (b2, c2) = (s.beta2 as $t, (1.0 - s.beta2) as $t);
             let (decay, size) = (s.decay as $t, s.step_size as $t);
             let (scale, eps) = (s.v_scale as $t, s.eps as $t);
             p.par_chunks_mut(ADAM_CHUNK)
-                .zip(m.par_chunks(ADAM_CHUNK).zip(v.par_chunks(ADAM_CHUNK)))
-                .for_each(|(p, (m, v))| {
-                    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                        *p = decay * *p - size * m / (v.sqrt() * scale + eps);
+                .zip(g.par_chunks(ADAM_CHUNK))
+                .zip(
+                    m.par_chunks_mut(ADAM_CHUNK)
+                        .zip(v.par_chunks_mut(ADAM_CHUNK)),
+                )
+                .for_each(|((p, g), (m, v))| {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                        *m = b1 * *m + c1 * g;
+                        *v = b2 * *v + c2 * g * g;
+                        *p = decay * *p - size * *m / (v.sqrt() * scale + eps);
                     }
                 });
         }
     };
 }
 
-adam_kernels!(moment_f32, apply_f32, f32);
-adam_kernels!(moment_f64, apply_f64, f64);
+adam_kernel!(adam_f32, f32);
+adam_kernel!(adam_f64, f64);
 
-impl candle::InplaceOp2 for MovingAverage {
-    fn name(&self) -> &'static str {
-        "sbp-adam-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let (a, b) = contiguous_range(l1)?;
-        match s1 {
-            CpuStorage::F32(m) => moment_f32(self.beta, self.square, &mut m[a..b], data(s2, l2)?),
-            CpuStorage::F64(m) => moment_f64(self.beta, self.square, &mut m[a..b], data(s2, l2)?),
-            _ => candle::bail!("adam: no in-place update for this dtype"),
-        }
-        Ok(())
-    }
-}
-
-/// `θ ← decay·θ − step_size · m / (sqrt(v)·v_scale + ε)`, in place.
-struct AdamApply(AdamStep);
-
-impl candle::InplaceOp3 for AdamApply {
-    fn name(&self) -> &'static str {
-        "sbp-adam-apply"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        let (a, b) = contiguous_range(l1)?;
-        match s1 {
-            CpuStorage::F32(p) => apply_f32(&self.0, &mut p[a..b], data(s2, l2)?, data(s3, l3)?),
-            CpuStorage::F64(p) => apply_f64(&self.0, &mut p[a..b], data(s2, l2)?, data(s3, l3)?),
-            _ => candle::bail!("adam: no in-place update for this dtype"),
-        }
-        Ok(())
-    }
-}
-
-fn contiguous_range(l: &Layout) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle::Error::Msg("adam: the parameter is not contiguous".into()))
-}
-
-/// Updates `param`, `m` and `v` in place (two passes over memory, no allocation) where
-/// the kernels apply (CPU, f32/f64, same shapes, contiguous); returns `false` otherwise, and
-/// the caller updates with tensor ops.
-pub(crate) fn adam_in_place(
-    param: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    grad: &Tensor,
+/// The fused Adam update of one parameter, in place, with its host moments.
+struct AdamFused<'a> {
     step: AdamStep,
-) -> Result<bool> {
-    let same = [m, v, grad].iter().all(|t| t.dims() == param.dims());
-    if !same || !fast_path(&[param, m, v, grad]) || ![param, m, v].iter().all(|t| t.is_contiguous())
-    {
-        return Ok(false);
+    moments: std::sync::Mutex<&'a mut HostMoments>,
+}
+
+impl candle::InplaceOp2 for AdamFused<'_> {
+    fn name(&self) -> &'static str {
+        "sbp-adam"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (a, b) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle::Error::Msg("adam: the parameter is not contiguous".into()))?;
+        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        match (s1, &mut **moments) {
+            (CpuStorage::F32(p), HostMoments::F32(m, v)) => {
+                adam_f32(&self.step, &mut p[a..b], data(s2, l2)?, m, v)
+            }
+            (CpuStorage::F64(p), HostMoments::F64(m, v)) => {
+                adam_f64(&self.step, &mut p[a..b], data(s2, l2)?, m, v)
+            }
+            _ => candle::bail!("adam: the parameter's dtype changed"),
+        }
+        Ok(())
+    }
+}
+
+/// Updates `param` and its host `moments` in place in one pass over memory.
+pub(crate) fn adam_host(
+    param: &Tensor,
+    grad: &Tensor,
+    moments: &mut HostMoments,
+    step: AdamStep,
+) -> Result<()> {
+    let len = match moments {
+        HostMoments::F32(m, _) => m.len(),
+        HostMoments::F64(m, _) => m.len(),
+    };
+    if grad.dims() != param.dims() || param.elem_count() != len || !fast_path(&[param, grad]) {
+        candle::bail!(
+            "adam: gradient {:?} and {len} moments for a parameter of shape {:?}",
+            grad.dims(),
+            param.dims()
+        );
     }
     let grad = grad.contiguous()?;
-    m.inplace_op2(
-        &grad,
-        &MovingAverage {
-            beta: step.beta1,
-            square: false,
-        },
-    )?;
-    v.inplace_op2(
-        &grad,
-        &MovingAverage {
-            beta: step.beta2,
-            square: true,
-        },
-    )?;
-    param.inplace_op3(m, v, &AdamApply(step))?;
-    Ok(true)
+    let op = AdamFused {
+        step,
+        moments: std::sync::Mutex::new(moments),
+    };
+    param.inplace_op2(&grad, &op)
 }
 
 // ---------------------------------------------------------------------------------------

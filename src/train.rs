@@ -100,9 +100,36 @@ impl Default for AdamConfig {
 struct Slot {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
     group: usize,
+}
+
+/// Adam's moments: host vectors updated with the parameter in one fused pass on the CPU;
+/// tensors updated with candle ops on other devices.
+#[derive(Debug)]
+enum Moments {
+    Host(crate::ops::HostMoments),
+    Tensors { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    fn for_param(t: &Tensor) -> Result<Self> {
+        Ok(match crate::ops::HostMoments::for_param(t) {
+            Some(host) => Self::Host(host),
+            None => Self::Tensors {
+                m: t.zeros_like()?,
+                v: t.zeros_like()?,
+            },
+        })
+    }
+
+    /// `(m, v)` as tensors of the parameter's shape (copies: the moments change in place).
+    fn tensors(&self, param: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Host(h) => Ok(h.tensors(param.shape())?),
+            Self::Tensors { m, v } => Ok((m.copy()?, v.copy()?)),
+        }
+    }
 }
 
 /// Adam with parameter groups (weights and noise parameters apart, so the noise gets no
@@ -133,8 +160,7 @@ impl Adam {
             }
             let is_noise = name.ends_with(".mu") || name.ends_with(".log_sigma");
             slots.push(Slot {
-                m: t.zeros_like()?,
-                v: t.zeros_like()?,
+                moments: Moments::for_param(&t)?,
                 var: Var::from_tensor(&t)?,
                 group: usize::from(is_noise),
                 name,
@@ -182,11 +208,15 @@ impl Adam {
                 eps: c.eps,
                 decay: 1.0 - c.lr * c.weight_decay,
             };
-            if crate::ops::adam_in_place(theta, &slot.m, &slot.v, g, fused)? {
-                continue;
-            }
-            let m = ((&slot.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let (m_old, v_old) = match &mut slot.moments {
+                Moments::Host(host) => {
+                    crate::ops::adam_host(theta, g, host, fused)?;
+                    continue;
+                }
+                Moments::Tensors { m, v } => (m, v),
+            };
+            let m = ((&*m_old * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((&*v_old * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&m / (1.0 - c.beta1.powf(t)))?;
             let v_hat = (&v / (1.0 - c.beta2.powf(t)))?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
@@ -198,54 +228,56 @@ impl Adam {
             slot.var.set(&(decayed - (update * c.lr)?)?)?;
             // The moments must never carry autograd history, or each step would keep the
             // previous steps' graphs alive.
-            slot.m = m.detach();
-            slot.v = v.detach();
+            *m_old = m.detach();
+            *v_old = v.detach();
         }
         Ok(())
     }
 
     /// The optimiser's state as named tensors (`name.adam_m`, `name.adam_v`) and its step.
-    pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {
+    pub fn state(&self) -> Result<(Vec<(String, Tensor)>, u64)> {
         let mut out = Vec::with_capacity(2 * self.slots.len());
         for s in &self.slots {
-            // Copies: the moments are updated in place by later steps.
-            out.push((
-                format!("{}.adam_m", s.name),
-                s.m.copy().unwrap_or_else(|_| s.m.clone()),
-            ));
-            out.push((
-                format!("{}.adam_v", s.name),
-                s.v.copy().unwrap_or_else(|_| s.v.clone()),
-            ));
+            let (m, v) = s.moments.tensors(s.var.as_tensor())?;
+            out.push((format!("{}.adam_m", s.name), m));
+            out.push((format!("{}.adam_v", s.name), v));
         }
-        (out, self.step)
+        Ok((out, self.step))
     }
 
     /// Restores a state from [`Adam::state`]; every moment must be present with the right
     /// shape.
     pub fn restore(&mut self, tensors: &BTreeMap<String, Tensor>, step: u64) -> Result<()> {
         for s in &mut self.slots {
-            for (suffix, target) in [("adam_m", &mut s.m), ("adam_v", &mut s.v)] {
+            let param = s.var.as_tensor();
+            let mut loaded = Vec::with_capacity(2);
+            for suffix in ["adam_m", "adam_v"] {
                 let key = format!("{}.{suffix}", s.name);
                 let t = tensors.get(&key).ok_or_else(|| Error::InvalidConfig {
                     layer: s.name.clone(),
                     reason: format!("the optimiser state lacks {key}"),
                 })?;
-                if t.dims() != target.dims() {
+                if t.dims() != param.dims() {
                     return Err(Error::InvalidConfig {
                         layer: s.name.clone(),
                         reason: format!(
                             "{key} has shape {:?}, expected {:?}",
                             t.dims(),
-                            target.dims()
+                            param.dims()
                         ),
                     });
                 }
                 // A copy of its own: the moments are updated in place.
-                *target = t
-                    .to_dtype(target.dtype())?
-                    .to_device(target.device())?
-                    .copy()?;
+                loaded.push(
+                    t.to_dtype(param.dtype())?
+                        .to_device(param.device())?
+                        .copy()?,
+                );
+            }
+            let (m, v) = (&loaded[0], &loaded[1]);
+            match &mut s.moments {
+                Moments::Host(host) => host.set(m, v)?,
+                Moments::Tensors { m: tm, v: tv } => (*tm, *tv) = (m.clone(), v.clone()),
             }
         }
         self.step = step;
@@ -538,7 +570,7 @@ fn write_checkpoint(dir: &Path, net: &Net, opt: &Adam, history: &[EpochStats]) -
     let net_file = format!("net-epoch{epochs_done}.safetensors");
     let opt_file = format!("optimizer-epoch{epochs_done}.safetensors");
     net.save(dir.join(&net_file))?;
-    let (state, step) = opt.state();
+    let (state, step) = opt.state()?;
     let bytes =
         safetensors::serialize(state.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
             Error::Format {

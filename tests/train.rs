@@ -72,7 +72,7 @@ fn adam_matches_candle_adamw_and_restores_exactly() {
         theirs.backward_step(&loss(&b)).unwrap();
     }
     // The moments hold no autograd history (which would leak memory step after step).
-    assert!(ours.state().0.iter().all(|(_, t)| !t.track_op()));
+    assert!(ours.state().unwrap().0.iter().all(|(_, t)| !t.track_op()));
     let (x, y) = (values(&a), values(&b));
     let worst = x
         .iter()
@@ -82,7 +82,7 @@ fn adam_matches_candle_adamw_and_restores_exactly() {
     assert!(worst < 1e-6, "{worst}");
 
     // Saving and restoring the state continues the same trajectory.
-    let (state, step) = ours.state();
+    let (state, step) = ours.state().unwrap();
     let state: BTreeMap<String, Tensor> = state
         .into_iter()
         .map(|(n, t)| (n, t.copy().unwrap()))
