@@ -68,14 +68,32 @@ pub struct CompareConfig {
 /// Fractions of hidden units and of MACs that `net` keeps once compressed, and the
 /// compressed network's test accuracy.
 pub fn measure(net: &Net, test: &ImageSet) -> Result<(f64, f64, f64)> {
+    measure_against(net, test, None)
+}
+
+/// Hidden units and MACs of `net` (its masks applied), the baseline of [`measure_against`].
+pub fn size_of(net: &Net) -> Result<(usize, u64)> {
+    let r = compress(net, &CompressConfig::default())?.report;
+    let hidden = &r.layers[1..r.layers.len() - 1];
+    Ok((hidden.iter().map(|l| l.units_after).sum(), r.macs_after))
+}
+
+/// As [`measure`], with the fractions taken of `baseline` (hidden units, MACs) where given
+/// (for a network that has already been physically shrunk) rather than of `net` itself.
+pub fn measure_against(
+    net: &Net,
+    test: &ImageSet,
+    baseline: Option<(usize, u64)>,
+) -> Result<(f64, f64, f64)> {
     let small = compress(net, &CompressConfig::default())?;
     let r = &small.report;
     let hidden = &r.layers[1..r.layers.len() - 1];
-    let before: usize = hidden.iter().map(|l| l.units_before).sum();
+    let (units_before, macs_before) =
+        baseline.unwrap_or((hidden.iter().map(|l| l.units_before).sum(), r.macs_before));
     let after: usize = hidden.iter().map(|l| l.units_after).sum();
     Ok((
-        after as f64 / before.max(1) as f64,
-        r.macs_after as f64 / r.macs_before.max(1) as f64,
+        after as f64 / units_before.max(1) as f64,
+        r.macs_after as f64 / macs_before.max(1) as f64,
         1.0 - test_error(&small.net, test, 500)?,
     ))
 }
@@ -149,7 +167,10 @@ pub fn compare(
                     between: Between::Rewind,
                     min_units: config.min_units,
                     max_cycles: config.cycles,
+                    // Later cycles train the smaller network.
+                    compress_between: true,
                 };
+                let baseline = size_of(&net)?;
                 iterative(
                     &mut net,
                     train,
@@ -157,7 +178,7 @@ pub fn compare(
                     criterion.as_ref(),
                     &schedule,
                     |net, c| {
-                        push(c.cycle, measure(net, test)?);
+                        push(c.cycle, measure_against(net, test, Some(baseline))?);
                         Ok(())
                     },
                 )?;

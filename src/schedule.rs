@@ -57,6 +57,7 @@ pub fn iterative_cycles(p: f64, target: f64) -> Result<usize> {
 
 use candle::Tensor;
 
+use crate::compress::CompressConfig;
 use crate::coupling::{coupling_groups, CouplingGroup};
 use crate::criteria::{select, ActivationStats, Criterion, Selection};
 use crate::data::ImageSet;
@@ -211,6 +212,10 @@ pub struct IterativeConfig {
     pub min_units: usize,
     /// A bound on the number of cycles.
     pub max_cycles: usize,
+    /// Physically remove the pruned units with [`compress`](crate::compress()) after each
+    /// cycle, so that later cycles train a smaller, faster network (`net` is replaced by
+    /// the smaller one). Otherwise the units are masked and `net` keeps its shape.
+    pub compress_between: bool,
 }
 
 /// One cycle of [`iterative`].
@@ -242,35 +247,50 @@ pub fn iterative(
     mut on_cycle: impl FnMut(&Net, &CycleStats) -> Result<()>,
 ) -> Result<Vec<CycleStats>> {
     check(0.0, config.target_keep, config.kappa.clamp(0.0, 1.0))?;
-    let groups = prunable_groups(net);
+    let mut groups = prunable_groups(net);
+    let original_units: usize = groups.iter().map(|g| g.units).sum();
     let initial = Snapshot::take(net)?;
+    let mut physical = if config.compress_between {
+        Some(Shrinker::new(net, &groups)?)
+    } else {
+        None
+    };
     let mut cycles = Vec::new();
     let mut first_accuracy = None;
-    let mut accepted: Option<(Snapshot, std::collections::BTreeMap<String, Vec<bool>>)> = None;
+    let mut accepted: Option<Accepted> = None;
     for cycle in 0..config.max_cycles.max(1) {
         let keeps = current_keeps(net, &groups);
         let (history, err) = fit_early_stopping(net, train, val, &config.fit, config.patience)?;
+        let units_kept: Vec<usize> = keeps
+            .iter()
+            .map(|k| k.iter().filter(|&&v| v).count())
+            .collect();
         let stats = CycleStats {
             cycle,
             epochs: history.len(),
             val_accuracy: 1.0 - err,
-            kept_fraction: kept_fraction(&keeps),
-            units_kept: keeps
-                .iter()
-                .map(|k| k.iter().filter(|&&v| v).count())
-                .collect(),
+            kept_fraction: units_kept.iter().sum::<usize>() as f64 / original_units.max(1) as f64,
+            units_kept,
         };
         let first = *first_accuracy.get_or_insert(stats.val_accuracy);
         if stats.val_accuracy < config.kappa * first {
-            // Back to the last accepted network: its weights and its masks.
-            if let Some((weights, masks)) = &accepted {
-                weights.restore(net)?;
-                net.set_masks(masks)?;
+            // Back to the last accepted network.
+            match accepted.take() {
+                Some(Accepted::Masked(weights, masks)) => {
+                    weights.restore(net)?;
+                    net.set_masks(&masks)?;
+                }
+                Some(Accepted::Physical(previous)) => *net = previous,
+                None => {}
             }
             cycles.push(stats);
             break;
         }
-        accepted = Some((Snapshot::take(net)?, net.masks()));
+        accepted = Some(if physical.is_some() {
+            Accepted::Physical(crate::compress(net, &CompressConfig::default())?.net)
+        } else {
+            Accepted::Masked(Snapshot::take(net)?, net.masks())
+        });
         let done = stats.kept_fraction <= config.target_keep;
         on_cycle(net, &stats)?;
         cycles.push(stats);
@@ -285,6 +305,11 @@ pub fn iterative(
             config.selection,
             config.min_units,
         )?;
+        if let Some(shrinker) = &mut physical {
+            *net = shrinker.shrink(net, config.between, cycle)?;
+            groups = prunable_groups(net);
+            continue;
+        }
         match config.between {
             Between::Rewind => initial.restore(net)?,
             Between::Reinitialize { seed } => {
@@ -294,6 +319,84 @@ pub fn iterative(
         }
     }
     Ok(cycles)
+}
+
+/// The network [`iterative`] returns to when a cycle falls below the accuracy floor.
+enum Accepted {
+    Masked(Snapshot, std::collections::BTreeMap<String, Vec<bool>>),
+    Physical(Net),
+}
+
+/// Physical pruning between cycles: remembers which of the original units each masked
+/// node still has, so that rewinding can cut the same units out of the initial weights.
+struct Shrinker {
+    /// The initial network (never trained), whose masks select the surviving units.
+    pristine: Net,
+    /// Per maskable node: the original indices of the units the current network has.
+    origin: std::collections::BTreeMap<String, Vec<usize>>,
+}
+
+impl Shrinker {
+    fn new(net: &Net, groups: &[CouplingGroup]) -> Result<Self> {
+        let mut pristine = crate::compress(net, &CompressConfig::default())?.net;
+        for g in groups {
+            pristine.set_group_mask(g, &vec![true; g.units])?;
+        }
+        let origin = pristine
+            .masks()
+            .into_iter()
+            .map(|(name, keep)| (name, (0..keep.len()).collect()))
+            .collect();
+        pristine.clear_masks();
+        Ok(Self { pristine, origin })
+    }
+
+    /// The physically smaller network after `net`'s newest masks: `net`'s own weights
+    /// (`Continue`), fresh ones (`Reinitialize`), or the initial weights of the surviving
+    /// units (`Rewind`).
+    fn shrink(&mut self, net: &Net, between: Between, cycle: usize) -> Result<Net> {
+        let mut full_masks = std::collections::BTreeMap::new();
+        for (name, keep) in net.masks() {
+            let Some(origin) = self.origin.get_mut(&name) else {
+                continue;
+            };
+            if origin.len() != keep.len() {
+                return Err(Error::Surgery {
+                    layer: name,
+                    reason: format!(
+                        "{} units tracked, {} masked: the network changed shape between cycles",
+                        origin.len(),
+                        keep.len()
+                    ),
+                });
+            }
+            *origin = origin
+                .iter()
+                .zip(&keep)
+                .filter(|(_, &k)| k)
+                .map(|(&i, _)| i)
+                .collect();
+            let original = self.pristine.node_units(&name)?;
+            let mut full = vec![false; original];
+            origin.iter().for_each(|&i| full[i] = true);
+            full_masks.insert(name, full);
+        }
+        let config = CompressConfig::default();
+        Ok(match between {
+            Between::Rewind => {
+                self.pristine.set_masks(&full_masks)?;
+                let small = crate::compress(&self.pristine, &config)?.net;
+                self.pristine.clear_masks();
+                small
+            }
+            Between::Reinitialize { seed } => {
+                let small = crate::compress(net, &config)?.net;
+                small.reset_parameters(seed.wrapping_add(cycle as u64))?;
+                small
+            }
+            Between::Continue => crate::compress(net, &config)?.net,
+        })
+    }
 }
 
 /// Gradual pruning during training: after each epoch, prunes by `criterion` up to the

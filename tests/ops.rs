@@ -28,6 +28,16 @@ fn tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// Gradients of reductions (a weight's or a scale's, summed over the batch) cancel: in f32
+/// the two sums' rounding then reaches a few 1e-5 of the largest value, whatever the order.
+fn gradient_tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        1e-9
+    } else {
+        1e-4
+    }
+}
+
 /// `Σ y·r` for a fixed random `r`: a loss whose gradient with respect to `y` is `r`.
 fn probe(y: &Tensor, seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -56,14 +66,19 @@ fn check(
             .unwrap_or_else(|| panic!("{what}: no gradient for variable {k}"));
         let err = relative_error(a, b);
         assert!(
-            err < tolerance(dtype),
+            err < gradient_tolerance(dtype),
             "{what}: gradient {k} differs by {err:e}"
         );
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    // A fixed seed (as in compress_equivalence): the cases are the same on every run.
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(2017),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn conv2d_matches_candle(

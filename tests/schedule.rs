@@ -66,6 +66,7 @@ fn iterative_rewinds_the_surviving_weights_exactly() {
         between: Between::Rewind,
         min_units: 1,
         max_cycles: 10,
+        compress_between: false,
     };
     let mut measured = 0;
     let cycles = iterative(&mut net, &train, &val, &MeanActivation, &config, |_, _| {
@@ -182,4 +183,97 @@ fn gradual_and_one_shot_reach_their_targets() {
     assert!(h.len() <= 6 && best < 0.5, "{best}");
     let now = candle_sbp::report::test_error(&net, &val, 100).unwrap();
     assert_eq!(now, best);
+}
+
+/// With `compress_between`, the pruned units leave the network after every cycle: the same
+/// cycles as with masks, each later cycle trains a smaller network, and rewinding gives the
+/// surviving units' initial weights, bit for bit what compressing the masked run gives.
+#[test]
+fn iterative_can_remove_units_physically_between_cycles() {
+    let (train, val) = (synthetic_images(300, 0), synthetic_images(100, 3));
+    let run = |physical: bool, between: Between| {
+        let vm = VarMap::new();
+        let mut net = mlp(&vm);
+        let config = IterativeConfig {
+            fit: fit_config(3),
+            patience: 2,
+            selection: Selection::PerLayer { drop: 0.2 },
+            target_keep: 0.0,
+            kappa: 0.0,
+            between,
+            min_units: 1,
+            max_cycles: 3,
+            compress_between: physical,
+        };
+        let mut widths = Vec::new();
+        let cycles = iterative(
+            &mut net,
+            &train,
+            &val,
+            &MeanActivation,
+            &config,
+            |net, _| {
+                widths.push(
+                    net.named_params()
+                        .iter()
+                        .map(|(_, t)| t.elem_count())
+                        .sum::<usize>(),
+                );
+                Ok(())
+            },
+        )
+        .unwrap();
+        (net, cycles, widths)
+    };
+    for between in [Between::Rewind, Between::Continue] {
+        let (masked, masked_cycles, masked_sizes) = run(false, between);
+        let (physical, physical_cycles, physical_sizes) = run(true, between);
+        let units = |c: &[candle_sbp::schedule::CycleStats]| -> Vec<Vec<usize>> {
+            c.iter().map(|c| c.units_kept.clone()).collect()
+        };
+        assert_eq!(
+            units(&masked_cycles),
+            units(&physical_cycles),
+            "{between:?}"
+        );
+        assert_eq!(
+            masked_cycles
+                .iter()
+                .map(|c| c.kept_fraction)
+                .collect::<Vec<_>>(),
+            physical_cycles
+                .iter()
+                .map(|c| c.kept_fraction)
+                .collect::<Vec<_>>()
+        );
+        // Masked networks keep their size; physical ones shrink every cycle.
+        assert!(
+            masked_sizes.windows(2).all(|w| w[0] == w[1]),
+            "{masked_sizes:?}"
+        );
+        assert!(
+            physical_sizes.windows(2).all(|w| w[1] < w[0]),
+            "{physical_sizes:?}"
+        );
+        assert!(physical.masks().is_empty());
+        let expected = compress(&masked, &CompressConfig::default()).unwrap().net;
+        let params = |n: &Net| -> Vec<(String, Vec<f32>)> {
+            n.named_params()
+                .into_iter()
+                .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1().unwrap()))
+                .collect()
+        };
+        if between == Between::Rewind {
+            assert_eq!(params(&expected), params(&physical), "rewound weights");
+        } else {
+            for ((name, a), (_, b)) in params(&expected).iter().zip(params(&physical)) {
+                let worst = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{name} differs by {worst}");
+            }
+        }
+    }
 }

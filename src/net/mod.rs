@@ -239,6 +239,11 @@ impl Net {
             .ok_or_else(|| graph(name, "there is no node of that name in this network"))
     }
 
+    /// The number of units (channels or features) of the output of the node called `name`.
+    pub fn node_units(&self, name: &str) -> Result<usize> {
+        Ok(self.shapes[self.node_index(name)?].units())
+    }
+
     /// The parameter `param` (`"weight"`, `"running_mean"`, …) of node `node`.
     pub fn param(&self, node: usize, param: &str) -> Option<&Tensor> {
         self.params
