@@ -168,6 +168,68 @@ macro_rules! cpu_dispatch {
     };
 }
 
+/// A backward pass as a custom op over three tensors that writes every gradient into one
+/// flat buffer (`$kernel(&op.g, op.want, a, b, c)`); the caller cuts the buffer apart.
+macro_rules! flat_backward_op {
+    ($op:ident, $name:literal, $kernel:ident) => {
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                fn run<T: WithDType>(
+                    op: &$op,
+                    (s1, l1): (&CpuStorage, &Layout),
+                    (s2, l2): (&CpuStorage, &Layout),
+                    (s3, l3): (&CpuStorage, &Layout),
+                ) -> Result<Vec<T>> {
+                    $kernel(&op.g, op.want, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?)
+                }
+                let (out, len) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
+                Ok((out, Shape::from(len)))
+            }
+        }
+    };
+}
+
+/// The forward pass of a layer over `(x, w, b)`: `kernel(x, w, Some(b) if bias)`.
+fn weighted_forward<T: WithDType>(
+    bias: bool,
+    kernel: impl Fn(&[T], &[T], Option<&[T]>) -> Result<Vec<T>>,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<Vec<T>> {
+    let b = if bias { Some(data(s3, l3)?) } else { None };
+    kernel(data(s1, l1)?, data(s2, l2)?, b)
+}
+
+/// Cuts a flat gradient buffer into consecutive pieces of the given shapes; pieces not
+/// wanted take no room and come back as `None`.
+fn split_flat(all: &Tensor, pieces: &[(bool, &Shape)]) -> Result<Vec<Option<Tensor>>> {
+    let mut at = 0;
+    let mut out = Vec::with_capacity(pieces.len());
+    for &(wanted, shape) in pieces {
+        if !wanted {
+            out.push(None);
+            continue;
+        }
+        let len = shape.elem_count();
+        out.push(Some(all.narrow(0, at, len)?.reshape(shape)?));
+        at += len;
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------------------
 // Convolution.
 
@@ -475,17 +537,17 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            g: &ConvGeometry,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            let b = if g.bias { Some(data(s3, l3)?) } else { None };
-            conv_forward(g, data(s1, l1)?, data(s2, l2)?, b)
-        }
         let g = &self.0;
-        let (out, _) = cpu_dispatch!(s1, run(g, (s1, l1), (s2, l2), (s3, l3)));
+        let (out, _) = cpu_dispatch!(
+            s1,
+            weighted_forward(
+                g.bias,
+                |x, w, b| conv_forward(g, x, w, b),
+                (s1, l1),
+                (s2, l2),
+                (s3, l3)
+            )
+        );
         Ok((out, Shape::from((g.batch, g.c_out, g.oh, g.ow))))
     }
 
@@ -500,25 +562,15 @@ impl CustomOp3 for Conv2dOp {
         let g = self.0;
         let want_dx = needs_grad(x);
         let grad = grad.contiguous()?;
-        let all = x.apply_op3_no_bwd(w, &grad, &Conv2dBackwardOp { g, want_dx })?;
-        let (wk, o) = (g.c_out * g.k(), g.c_out);
-        let dw = all.narrow(0, 0, wk)?.reshape(w.shape())?;
-        let mut at = wk;
-        let db = if g.bias {
-            at += o;
-            Some(all.narrow(0, wk, o)?.reshape(b.shape())?)
-        } else {
-            None
-        };
-        let dx = if want_dx {
-            Some(
-                all.narrow(0, at, g.batch * g.in_len())?
-                    .reshape(x.shape())?,
-            )
-        } else {
-            None
-        };
-        Ok((dx, Some(dw), db))
+        let all = x.apply_op3_no_bwd(w, &grad, &Conv2dBackwardOp { g, want: want_dx })?;
+        let parts = split_flat(
+            &all,
+            &[(true, w.shape()), (g.bias, b.shape()), (want_dx, x.shape())],
+        )?;
+        let mut parts = parts.into_iter();
+        let mut next = || parts.next().flatten();
+        let (dw, db, dx) = (next(), next(), next());
+        Ok((dx, dw, db))
     }
 }
 
@@ -526,41 +578,10 @@ impl CustomOp3 for Conv2dOp {
 #[derive(Debug, Clone, Copy)]
 struct Conv2dBackwardOp {
     g: ConvGeometry,
-    want_dx: bool,
+    want: bool,
 }
 
-impl CustomOp3 for Conv2dBackwardOp {
-    fn name(&self) -> &'static str {
-        "sbp-conv2d-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            op: &Conv2dBackwardOp,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            conv_backward(
-                &op.g,
-                op.want_dx,
-                data(s1, l1)?,
-                data(s2, l2)?,
-                data(s3, l3)?,
-            )
-        }
-        let (out, len) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
-        Ok((out, Shape::from(len)))
-    }
-}
+flat_backward_op!(Conv2dBackwardOp, "sbp-conv2d-backward", conv_backward);
 
 /// A 2-d convolution of `x` `(N, C, H, W)` with `w` `(O, C/groups, KH, KW)` plus an optional
 /// bias `(O,)`, as candle's `conv2d` computes it. On the CPU (f32/f64, groups 1) it runs
@@ -730,17 +751,17 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            g: &LinearGeometry,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            let b = if g.bias { Some(data(s3, l3)?) } else { None };
-            linear_forward(g, data(s1, l1)?, data(s2, l2)?, b)
-        }
         let g = &self.0;
-        let (out, _) = cpu_dispatch!(s1, run(g, (s1, l1), (s2, l2), (s3, l3)));
+        let (out, _) = cpu_dispatch!(
+            s1,
+            weighted_forward(
+                g.bias,
+                |x, w, b| linear_forward(g, x, w, b),
+                (s1, l1),
+                (s2, l2),
+                (s3, l3)
+            )
+        );
         Ok((out, Shape::from((g.batch, g.outputs))))
     }
 
@@ -755,63 +776,25 @@ impl CustomOp3 for LinearOp {
         let g = self.0;
         let want_dx = needs_grad(x);
         let grad = grad.contiguous()?;
-        let all = x.apply_op3_no_bwd(w, &grad, &LinearBackwardOp { g, want_dx })?;
-        let wi = g.outputs * g.inputs;
-        let dw = all.narrow(0, 0, wi)?.reshape(w.shape())?;
-        let mut at = wi;
-        let db = if g.bias {
-            at += g.outputs;
-            Some(all.narrow(0, wi, g.outputs)?.reshape(b.shape())?)
-        } else {
-            None
-        };
-        let dx = if want_dx {
-            Some(all.narrow(0, at, g.batch * g.inputs)?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        Ok((dx, Some(dw), db))
+        let all = x.apply_op3_no_bwd(w, &grad, &LinearBackwardOp { g, want: want_dx })?;
+        let parts = split_flat(
+            &all,
+            &[(true, w.shape()), (g.bias, b.shape()), (want_dx, x.shape())],
+        )?;
+        let mut parts = parts.into_iter();
+        let mut next = || parts.next().flatten();
+        let (dw, db, dx) = (next(), next(), next());
+        Ok((dx, dw, db))
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct LinearBackwardOp {
     g: LinearGeometry,
-    want_dx: bool,
+    want: bool,
 }
 
-impl CustomOp3 for LinearBackwardOp {
-    fn name(&self) -> &'static str {
-        "sbp-linear-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            op: &LinearBackwardOp,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            linear_backward(
-                &op.g,
-                op.want_dx,
-                data(s1, l1)?,
-                data(s2, l2)?,
-                data(s3, l3)?,
-            )
-        }
-        let (out, len) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
-        Ok((out, Shape::from(len)))
-    }
-}
+flat_backward_op!(LinearBackwardOp, "sbp-linear-backward", linear_backward);
 
 /// `x·wᵀ + b` for `x` `(N, I)`, `w` `(O, I)` and an optional `b` `(O,)`, as
 /// `candle_nn::Linear` computes it. On the CPU (f32/f64) it runs as one GEMM with its own
@@ -1112,17 +1095,10 @@ impl CustomOp2 for ScaleOp {
         }
         let op = ScaleBackwardOp { g: self.0, want };
         let all = x.apply_op3_no_bwd(s, &grad.contiguous()?, &op)?;
-        let s_len = if want.1 { s.elem_count() } else { 0 };
-        let ds = if want.1 {
-            Some(all.narrow(0, 0, s_len)?.reshape(s.shape())?)
-        } else {
-            None
-        };
-        let dx = if want.0 {
-            Some(all.narrow(0, s_len, x.elem_count())?.reshape(x.shape())?)
-        } else {
-            None
-        };
+        let parts = split_flat(&all, &[(want.1, s.shape()), (want.0, x.shape())])?;
+        let mut parts = parts.into_iter();
+        let mut next = || parts.next().flatten();
+        let (ds, dx) = (next(), next());
         Ok((dx, ds))
     }
 }
@@ -1133,32 +1109,7 @@ struct ScaleBackwardOp {
     want: (bool, bool),
 }
 
-impl CustomOp3 for ScaleBackwardOp {
-    fn name(&self) -> &'static str {
-        "sbp-scale-units-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            op: &ScaleBackwardOp,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            scale_backward(&op.g, op.want, data(s1, l1)?, data(s2, l2)?, data(s3, l3)?)
-        }
-        let (out, len) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
-        Ok((out, Shape::from(len)))
-    }
-}
+flat_backward_op!(ScaleBackwardOp, "sbp-scale-units-backward", scale_backward);
 
 /// Multiplies each unit (axis 1) of `x` `(N, U, …)` by its factor: `s` is `(U,)` (shared
 /// by the batch) or `(N, U)` (one factor per example and unit). The same values as
