@@ -36,19 +36,32 @@ pub fn batch(n: usize, seed: u64) -> (Tensor, Tensor) {
     )
 }
 
-/// An SBP network whose noise layers have been pushed to remove about half of each
-/// layer's units (μ = -8 on every other unit), as after SBP training.
+/// An SBP network whose noise layers remove every other unit (a broad `log θ`, μ = -10,
+/// log σ = 2, has an SNR far below 1), as after SBP training: the compressed network keeps
+/// about half of each layer's units.
 pub fn half_pruned(build: Build) -> Net {
     let net = net(build, true);
     for (_, layer) in net.noise_layers() {
         let n = layer.num_units();
-        let mu: Vec<f32> = (0..n)
-            .map(|i| if i % 2 == 0 { 0.0 } else { -8.0 })
-            .collect();
-        let mu = Tensor::from_vec(mu, n, &Device::Cpu).expect("mu");
-        candle::Var::from_tensor(layer.mu())
-            .and_then(|v| v.set(&mu))
-            .expect("set mu");
+        let pick = |keep: f32, drop: f32| -> Tensor {
+            let v: Vec<f32> = (0..n)
+                .map(|i| if i % 2 == 0 { keep } else { drop })
+                .collect();
+            Tensor::from_vec(v, n, &Device::Cpu).expect("values")
+        };
+        for (param, values) in [
+            (layer.mu(), pick(0.0, -10.0)),
+            (layer.log_sigma(), pick(-5.0, 2.0)),
+        ] {
+            candle::Var::from_tensor(param)
+                .and_then(|v| v.set(&values))
+                .expect("set a noise parameter");
+        }
+        assert!(
+            layer.num_kept().expect("SNR") <= n.div_ceil(2),
+            "{}",
+            layer.name()
+        );
     }
     net
 }

@@ -15,9 +15,15 @@ fn inference(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4));
     for (name, build) in common::NETS {
         let dense = common::net(build, false);
-        let compressed = compress(&common::half_pruned(build), &CompressConfig::default())
-            .expect("compress")
-            .net;
+        let small =
+            compress(&common::half_pruned(build), &CompressConfig::default()).expect("compress");
+        println!(
+            "{name}: MACs {} → {} ({:.2}× fewer)",
+            small.report.macs_before,
+            small.report.macs_after,
+            small.report.macs_ratio()
+        );
+        let compressed = small.net;
         for batch in [1usize, 100] {
             let (x, _) = common::batch(batch, 2);
             for (kind, net) in [("dense", &dense), ("compressed", &compressed)] {
