@@ -982,6 +982,9 @@ struct ScaleGeometry {
     inner: usize,
     /// Whether the scale is per example `(N, U)` rather than shared `(U,)`.
     per_example: bool,
+    /// A ReLU fused in: `y = max(x·s, 0)`, which for positive factors (a noise layer's `θ`)
+    /// is the ReLU before the multiply or after it alike.
+    relu: bool,
 }
 
 impl ScaleGeometry {
@@ -1007,13 +1010,21 @@ fn scale_forward<T: WithDType>(g: &ScaleGeometry, x: &[T], s: &[T]) -> Result<Ve
             for (u, row) in yn.chunks_mut(g.inner.max(1)).enumerate() {
                 let f = g.factor(s, n, u);
                 let xr = &x[n * per + u * g.inner..n * per + (u + 1) * g.inner];
-                row.iter_mut().zip(xr).for_each(|(y, &x)| *y = x * f);
+                if g.relu {
+                    row.iter_mut().zip(xr).for_each(|(y, &x)| {
+                        let v = x * f;
+                        *y = if v < T::zero() { T::zero() } else { v };
+                    });
+                } else {
+                    row.iter_mut().zip(xr).for_each(|(y, &x)| *y = x * f);
+                }
             }
         });
     Ok(y)
 }
 
-/// `[ds (s's size, if wanted), dx (x's size, if wanted)]` in one buffer.
+/// `[ds (s's size, if wanted), dx (x's size, if wanted)]` in one buffer. With the ReLU
+/// fused in, only positions where `x > 0` pass gradient (the factors are positive).
 fn scale_backward<T: WithDType>(
     g: &ScaleGeometry,
     (want_dx, want_ds): (bool, bool),
@@ -1027,7 +1038,8 @@ fn scale_backward<T: WithDType>(
     } else {
         g.units
     };
-    let mut ds = vec![T::zero(); if want_ds { s_len } else { 0 }];
+    let live = |x: T| !g.relu || x > T::zero();
+    let mut out = vec![T::zero(); if want_ds { s_len } else { 0 }];
     if want_ds {
         // Σ over the inner positions (and over the batch for a shared scale).
         let per_row: Vec<Vec<T>> = (0..g.batch)
@@ -1039,6 +1051,7 @@ fn scale_backward<T: WithDType>(
                         x[at..at + g.inner]
                             .iter()
                             .zip(&grad[at..at + g.inner])
+                            .filter(|(&x, _)| live(x))
                             .fold(T::zero(), |a, (&x, &g)| a + x * g)
                     })
                     .collect()
@@ -1046,17 +1059,31 @@ fn scale_backward<T: WithDType>(
             .collect();
         for (n, row) in per_row.into_iter().enumerate() {
             let dst = if g.per_example {
-                &mut ds[n * g.units..(n + 1) * g.units]
+                &mut out[n * g.units..(n + 1) * g.units]
             } else {
-                &mut ds[..]
+                &mut out[..]
             };
             dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
         }
     }
     if want_dx {
-        ds.extend(scale_forward(g, grad, s)?);
+        let start = out.len();
+        out.resize(start + g.batch * per, T::zero());
+        out[start..]
+            .par_chunks_mut(per.max(1))
+            .enumerate()
+            .for_each(|(n, dn)| {
+                for (u, row) in dn.chunks_mut(g.inner.max(1)).enumerate() {
+                    let f = g.factor(s, n, u);
+                    let at = n * per + u * g.inner;
+                    let (xr, gr) = (&x[at..at + g.inner], &grad[at..at + g.inner]);
+                    for ((d, &x), &gv) in row.iter_mut().zip(xr).zip(gr) {
+                        *d = if live(x) { gv * f } else { T::zero() };
+                    }
+                }
+            });
     }
-    Ok(ds)
+    Ok(out)
 }
 
 impl CustomOp2 for ScaleOp {
@@ -1144,6 +1171,7 @@ pub fn scale_units(x: &Tensor, s: &Tensor) -> Result<Tensor> {
         units: dims[1],
         inner: dims[2..].iter().product(),
         per_example,
+        relu: false,
     };
     x.contiguous()?.apply_op2(&s.contiguous()?, ScaleOp(g))
 }
@@ -1436,14 +1464,15 @@ pub(crate) fn noise_applies(x: &Tensor, mu: &Tensor, log_sigma: &Tensor) -> bool
     x.rank() >= 2 && fast_path(&[x]) && mu.device().is_cpu() && log_sigma.device().is_cpu()
 }
 
-/// Multiplies unit axis 1 of `x` by the drawn `θ` with gradients flowing to `mu` and
-/// `log_sigma` (both `(units,)`), or `None` where the CPU kernel does not apply (the layer
-/// then builds the same product from candle ops).
+/// Multiplies unit axis 1 of `x` by the drawn `θ` (then applies a ReLU if `relu`) with
+/// gradients flowing to `mu` and `log_sigma` (both `(units,)`), or `None` where the CPU
+/// kernel does not apply (the layer then builds the same product from candle ops).
 pub(crate) fn noise_multiply(
     x: &Tensor,
     mu: &Tensor,
     log_sigma: &Tensor,
     draw: NoiseDraw,
+    relu: bool,
 ) -> Result<Option<Tensor>> {
     let dims = x.dims();
     if !noise_applies(x, mu, log_sigma) {
@@ -1470,6 +1499,7 @@ pub(crate) fn noise_multiply(
         units,
         inner: dims[2..].iter().product(),
         per_example,
+        relu,
     };
     let op = NoiseOp {
         g,

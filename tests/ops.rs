@@ -274,52 +274,63 @@ fn grouped_convolutions_fall_back_to_candle() {
     assert_eq!(relative_error(&reference, &ours), 0.0);
 }
 
-/// A noise layer on the input of a linear layer trains through one fused op (no gradient
-/// for the input, `dθ` from the weight gradient); tapping the noise layer keeps the two
-/// apart. Same draws, same loss, same gradients for every parameter.
+/// Fused ops in training: a noise layer on the input of a linear layer (no gradient for
+/// the input, `dθ` from the weight gradient), and noise layers next to a ReLU (one pass).
+/// Tapping every node keeps all layers apart. Same draws, same loss, same gradients for
+/// every parameter, on the MLP (input noise, ReLU → noise) and on LeNet5 (conv → noise →
+/// ReLU, flatten → noise → linear).
 #[test]
-fn fused_input_noise_matches_the_unfused_layers() {
-    for dtype in [DType::F64, DType::F32] {
-        let varmap = candle_nn::VarMap::new();
-        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
-        let config = candle_sbp::LogNormalDropoutConfig {
-            mu_init: 0.3,
-            log_sigma_init: -1.0,
-            ..Default::default()
-        };
-        let net = candle_sbp::models::dropnet_model_a(Some(config), vb).unwrap();
-        net.reset_parameters(4).unwrap();
-        let sbp0 = net.node_index("sbp0").unwrap();
-        let mut rng = StdRng::seed_from_u64(9);
-        let x = random(&mut rng, &[6, 1, 28, 28], dtype);
-        let grads = |taps: &[usize]| {
-            net.reseed(11);
-            let (y, _) = net.forward_with(&x, true, taps).unwrap();
-            let loss = probe(&y, 3);
-            (
-                loss.to_dtype(DType::F64)
+fn fused_layers_match_the_unfused_layers() {
+    type Build = fn(
+        Option<candle_sbp::LogNormalDropoutConfig>,
+        candle_nn::VarBuilder,
+    ) -> candle_sbp::Result<candle_sbp::Net>;
+    let models: [(&str, Build); 2] = [
+        ("model A", candle_sbp::models::dropnet_model_a),
+        ("lenet5", candle_sbp::models::lenet5_caffe),
+    ];
+    for (model, build) in models {
+        for dtype in [DType::F64, DType::F32] {
+            let varmap = candle_nn::VarMap::new();
+            let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+            let config = candle_sbp::LogNormalDropoutConfig {
+                mu_init: 0.3,
+                log_sigma_init: -1.0,
+                ..Default::default()
+            };
+            let net = build(Some(config), vb).unwrap();
+            net.reset_parameters(4).unwrap();
+            let every_node: Vec<usize> = (0..net.spec().nodes.len()).collect();
+            let mut rng = StdRng::seed_from_u64(9);
+            let x = random(&mut rng, &[6, 1, 28, 28], dtype);
+            let grads = |taps: &[usize]| {
+                net.reseed(11);
+                let (y, _) = net.forward_with(&x, true, taps).unwrap();
+                let loss = probe(&y, 3);
+                let value = loss
+                    .to_dtype(DType::F64)
                     .unwrap()
                     .to_scalar::<f64>()
-                    .unwrap(),
-                loss.backward().unwrap(),
-            )
-        };
-        let (fused_loss, fused) = grads(&[]);
-        let (plain_loss, plain) = grads(&[sbp0]);
-        let tol = tolerance(dtype);
-        assert!(
-            (fused_loss - plain_loss).abs() <= tol * plain_loss.abs().max(1.0),
-            "{dtype:?} loss"
-        );
-        for (name, p) in net.named_params() {
-            let (Some(a), Some(b)) = (plain.get(&p), fused.get(&p)) else {
-                panic!("{dtype:?}: {name} has a gradient on one path only");
+                    .unwrap();
+                (value, loss.backward().unwrap())
             };
-            let err = relative_error(a, b);
+            let (fused_loss, fused) = grads(&[]);
+            let (plain_loss, plain) = grads(&every_node);
+            let tol = gradient_tolerance(dtype);
             assert!(
-                err < tol * 10.0,
-                "{dtype:?}: gradient of {name} differs by {err:e}"
+                (fused_loss - plain_loss).abs() <= tol * plain_loss.abs().max(1.0),
+                "{model} {dtype:?}: loss {fused_loss} against {plain_loss}"
             );
+            for (name, p) in net.named_params() {
+                let (Some(a), Some(b)) = (plain.get(&p), fused.get(&p)) else {
+                    panic!("{model} {dtype:?}: {name} has a gradient on one path only");
+                };
+                let err = relative_error(a, b);
+                assert!(
+                    err < tol,
+                    "{model} {dtype:?}: gradient of {name} differs by {err:e}"
+                );
+            }
         }
     }
 }

@@ -494,12 +494,12 @@ impl Net {
                 let deferred_input = self.spec.nodes[i].inputs.first().filter(|&&k| deferred[k]);
                 let out = if i == 0 {
                     xs.to_dtype(self.dtype)?
-                } else if self.defers_noise(i, train, taps) {
-                    // Held back for its consumer, a linear layer, to apply in one fused op.
+                } else if let Some(&k) = deferred_input {
+                    self.fused(k, i, ins[0], train)?
+                } else if self.defers(i, train, taps) {
+                    // Held back for its consumer to apply in one fused op.
                     deferred[i] = true;
                     ins[0].clone()
-                } else if let Some(&k) = deferred_input {
-                    self.noise_then_linear(k, i, ins[0], train)?
                 } else {
                     self.apply(i, &ins, train)?
                 };
@@ -528,40 +528,57 @@ impl Net {
         ))
     }
 
-    /// Whether noise node `i` may leave its product to its only consumer, a linear layer
-    /// (see [`LogNormalDropout::forward_into_linear`]): in training, unmasked, untapped.
-    fn defers_noise(&self, i: usize, train: bool, taps: &[usize]) -> bool {
+    /// Whether node `i` may leave its work to its only consumer, which then does both in
+    /// one fused op: a noise layer followed by a linear layer (see
+    /// [`LogNormalDropout::forward_into_linear`]) or a ReLU, or a ReLU followed by a noise
+    /// layer. Only in training, and only for an unmasked, untapped node.
+    fn defers(&self, i: usize, train: bool, taps: &[usize]) -> bool {
         if !train || self.masks[i].is_some() || taps.contains(&i) {
             return false;
         }
-        let NodeImpl::Noise(layer) = &self.nodes[i] else {
-            return false;
-        };
         let mut consumers =
             (0..self.nodes.len()).filter(|&j| self.spec.nodes[j].inputs.contains(&i));
-        match (consumers.next(), consumers.next()) {
-            (Some(j), None) => {
-                matches!(self.nodes[j], NodeImpl::Linear(_))
-                    && self.spec.nodes[j].inputs == [i]
-                    && layer.config().noise == crate::layer::NoiseMode::SharedPerBatch
+        let j = match (consumers.next(), consumers.next()) {
+            (Some(j), None) if self.spec.nodes[j].inputs == [i] => j,
+            _ => return false,
+        };
+        let relu = |k: usize| {
+            matches!(
+                self.spec.nodes[k].op,
+                Op::Activation {
+                    f: Activation::Relu
+                }
+            )
+        };
+        match (&self.nodes[i], &self.nodes[j]) {
+            (NodeImpl::Noise(layer), NodeImpl::Linear(_)) => {
+                layer.config().noise == crate::layer::NoiseMode::SharedPerBatch
             }
+            (NodeImpl::Noise(_), _) => relu(j),
+            (_, NodeImpl::Noise(_)) => relu(i),
             _ => false,
         }
     }
 
-    /// Noise node `k` then linear node `i` on `x`, fused where the kernel applies.
-    fn noise_then_linear(&self, k: usize, i: usize, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (NodeImpl::Noise(layer), NodeImpl::Linear(l)) = (&self.nodes[k], &self.nodes[i]) else {
-            return Err(graph(
+    /// Deferred node `k` and its consumer `i` on `x` (`k`'s input), fused where a kernel
+    /// applies.
+    fn fused(&self, k: usize, i: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+        match (&self.nodes[k], &self.nodes[i]) {
+            (NodeImpl::Noise(layer), NodeImpl::Linear(l)) => {
+                if let Some(y) = layer.forward_into_linear(x, train, l.weight(), l.bias())? {
+                    return Ok(y);
+                }
+                let z = layer.forward_t(x, train)?;
+                Ok(crate::ops::linear(&z, l.weight(), l.bias())?)
+            }
+            (NodeImpl::Noise(layer), _) | (_, NodeImpl::Noise(layer)) => {
+                layer.forward_relu(x, train)
+            }
+            _ => Err(graph(
                 &self.spec.nodes[i].name,
-                "internal: a deferred noise node must feed a linear layer".to_string(),
-            ));
-        };
-        if let Some(y) = layer.forward_into_linear(x, train, l.weight(), l.bias())? {
-            return Ok(y);
+                "internal: no fused kernel for a deferred node".to_string(),
+            )),
         }
-        let z = layer.forward_t(x, train)?;
-        Ok(crate::ops::linear(&z, l.weight(), l.bias())?)
     }
 
     fn apply(&self, i: usize, ins: &[&Tensor], train: bool) -> Result<Tensor> {
