@@ -1787,3 +1787,131 @@ pub(crate) fn noise_linear(
         None => Ok(y),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy.
+
+/// Mean cross-entropy of `logits` `(N, C)` against integer `labels` `(N,)` as one op:
+/// forward a stable log-sum-exp per row, backward `(softmax − one-hot) / N`.
+#[derive(Debug, Clone, Copy)]
+struct CrossEntropyOp {
+    rows: usize,
+    classes: usize,
+}
+
+fn label_indices(s: &CpuStorage, l: &Layout, classes: usize) -> Result<Vec<usize>> {
+    let labels: Vec<usize> = match s {
+        CpuStorage::U32(v) => v[l.start_offset()..l.start_offset() + l.shape().elem_count()]
+            .iter()
+            .map(|&k| k as usize)
+            .collect(),
+        CpuStorage::I64(v) => v[l.start_offset()..l.start_offset() + l.shape().elem_count()]
+            .iter()
+            .map(|&k| usize::try_from(k).unwrap_or(usize::MAX))
+            .collect(),
+        CpuStorage::U8(v) => v[l.start_offset()..l.start_offset() + l.shape().elem_count()]
+            .iter()
+            .map(|&k| k as usize)
+            .collect(),
+        other => candle::bail!("cross-entropy: labels of dtype {:?}", other.dtype()),
+    };
+    if let Some((i, &k)) = labels.iter().enumerate().find(|(_, &k)| k >= classes) {
+        candle::bail!("cross-entropy: label {k} at index {i} is not one of {classes} classes");
+    }
+    Ok(labels)
+}
+
+/// Per row: `(log Σ exp z, max z)`.
+fn log_sum_exp<T: WithDType>(row: &[T]) -> (f64, f64) {
+    let max = row
+        .iter()
+        .map(|v| v.to_f64())
+        .fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = row.iter().map(|v| (v.to_f64() - max).exp()).sum();
+    (max + sum.ln(), max)
+}
+
+impl CustomOp2 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "sbp-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(op: &CrossEntropyOp, z: &[T], labels: &[usize]) -> Result<Vec<T>> {
+            let total: f64 = z
+                .chunks(op.classes)
+                .zip(labels)
+                .map(|(row, &k)| log_sum_exp(row).0 - row[k].to_f64())
+                .sum();
+            Ok(vec![T::from_f64(total / op.rows as f64)])
+        }
+        let labels = label_indices(s2, l2, self.classes)?;
+        let (out, _) = match s1 {
+            CpuStorage::F32(_) => {
+                let v = run::<f32>(self, data(s1, l1)?, &labels)?;
+                (CpuStorage::F32(v), 1)
+            }
+            CpuStorage::F64(_) => {
+                let v = run::<f64>(self, data(s1, l1)?, &labels)?;
+                (CpuStorage::F64(v), 1)
+            }
+            other => candle::bail!("cross-entropy: no CPU kernel for {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !needs_grad(logits) {
+            return Ok((None, None));
+        }
+        let scale = grad.to_dtype(DType::F64)?.to_scalar::<f64>()? / self.rows as f64;
+        let z: Vec<f64> = logits.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let k: Vec<u32> = labels.to_dtype(DType::U32)?.to_vec1()?;
+        let mut d = vec![0.0; z.len()];
+        for ((row, out), &k) in z
+            .chunks(self.classes)
+            .zip(d.chunks_mut(self.classes))
+            .zip(&k)
+        {
+            let (lse, _) = log_sum_exp(row);
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = (v - lse).exp() * scale;
+            }
+            out[k as usize] -= scale;
+        }
+        let d = Tensor::from_vec(d, logits.shape(), logits.device())?.to_dtype(logits.dtype())?;
+        Ok((Some(d), None))
+    }
+}
+
+/// Mean cross-entropy of `logits` `(N, C)` against class indices `labels` `(N,)`, as
+/// `candle_nn::loss::cross_entropy` computes it; on the CPU (f32/f64 logits) one op with
+/// its own backward instead of a log-softmax, a gather and a mean, each differentiated.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let fits = logits.rank() == 2
+        && labels.dims() == [logits.dim(0)?]
+        && logits.dim(0)? > 0
+        && logits.dim(1)? > 0
+        && labels.device().is_cpu()
+        && fast_path(&[logits]);
+    if !fits {
+        return candle_nn::loss::cross_entropy(logits, labels);
+    }
+    let op = CrossEntropyOp {
+        rows: logits.dim(0)?,
+        classes: logits.dim(1)?,
+    };
+    logits.contiguous()?.apply_op2(&labels.contiguous()?, op)
+}

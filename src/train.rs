@@ -40,7 +40,7 @@ pub fn elbo(
             reason: "the training set size must be positive".into(),
         });
     }
-    let ce = candle_nn::loss::cross_entropy(logits, labels)?;
+    let ce = crate::ops::cross_entropy(logits, labels)?;
     let mut kl: Option<Tensor> = None;
     if kl_scale != 0.0 {
         for (_, layer) in net.noise_layers() {

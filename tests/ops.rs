@@ -334,3 +334,27 @@ fn fused_layers_match_the_unfused_layers() {
         }
     }
 }
+
+/// The fused cross-entropy gives candle-nn's value and gradient; a label out of range is an
+/// error naming it.
+#[test]
+fn cross_entropy_matches_candle_nn() {
+    for (seed, dtype) in [(1u64, DType::F64), (2, DType::F32), (3, DType::F64)] {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (n, c) = (7, 5);
+        let z = Var::from_tensor(&(random(&mut rng, &[n, c], dtype) * 6.0).unwrap()).unwrap();
+        let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..c as u32)).collect();
+        let labels = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+        check(
+            &[&z],
+            || ops::cross_entropy(z.as_tensor(), &labels).unwrap(),
+            || candle_nn::loss::cross_entropy(z.as_tensor(), &labels).unwrap(),
+            dtype,
+            &format!("cross-entropy {dtype:?}"),
+        );
+    }
+    let z = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::new(&[1u32, 3], &Device::Cpu).unwrap();
+    let err = ops::cross_entropy(&z, &bad).unwrap_err().to_string();
+    assert!(err.contains("label 3 at index 1"), "{err}");
+}
