@@ -262,6 +262,15 @@ pub struct ExperimentReport {
     pub epochs_pretrain: usize,
     /// SBP epochs.
     pub epochs_sbp: usize,
+    /// Learning rate of the weights.
+    #[serde(default)]
+    pub lr: f64,
+    /// Learning rate of the noise parameters.
+    #[serde(default)]
+    pub noise_lr: f64,
+    /// Per-layer KL weights (absent layers: 1).
+    #[serde(default)]
+    pub kl_weights: std::collections::BTreeMap<String, f64>,
     /// Wall-clock seconds of training (both phases).
     pub train_seconds: f64,
     /// Test error of the dense network after pretraining.
