@@ -201,6 +201,61 @@ macro_rules! flat_backward_op {
     };
 }
 
+/// A layer over `(x, w, b)` as a custom op: the forward kernel `$forward(g, x, w, b)`, and a
+/// backward pass through `$backward` (a [`flat_backward_op`]) whose buffer holds `dw`, then
+/// `db` (with a bias), then `dx` (when `x` needs it).
+macro_rules! weighted_op {
+    ($op:ident, $name:literal, $forward:ident, $backward:ident, $g:ident => $shape:expr) => {
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                let $g = &self.0;
+                let (out, _) = cpu_dispatch!(
+                    s1,
+                    weighted_forward(
+                        $g.bias,
+                        |x, w, b| $forward($g, x, w, b),
+                        (s1, l1),
+                        (s2, l2),
+                        (s3, l3)
+                    )
+                );
+                Ok((out, Shape::from($shape)))
+            }
+
+            fn bwd(
+                &self,
+                x: &Tensor,
+                w: &Tensor,
+                b: &Tensor,
+                _res: &Tensor,
+                grad: &Tensor,
+            ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+                let g = self.0;
+                let want_dx = needs_grad(x);
+                let grad = grad.contiguous()?;
+                let all = x.apply_op3_no_bwd(w, &grad, &$backward { g, want: want_dx })?;
+                let pieces = [(true, w.shape()), (g.bias, b.shape()), (want_dx, x.shape())];
+                let mut parts = split_flat(&all, &pieces)?.into_iter();
+                let mut next = || parts.next().flatten();
+                let (dw, db, dx) = (next(), next(), next());
+                Ok((dx, dw, db))
+            }
+        }
+    };
+}
+
 /// The forward pass of a layer over `(x, w, b)`: `kernel(x, w, Some(b) if bias)`.
 fn weighted_forward<T: WithDType>(
     bias: bool,
@@ -523,56 +578,7 @@ fn conv_backward<T: WithDType>(
 #[derive(Debug, Clone, Copy)]
 struct Conv2dOp(ConvGeometry);
 
-impl CustomOp3 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "sbp-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let (out, _) = cpu_dispatch!(
-            s1,
-            weighted_forward(
-                g.bias,
-                |x, w, b| conv_forward(g, x, w, b),
-                (s1, l1),
-                (s2, l2),
-                (s3, l3)
-            )
-        );
-        Ok((out, Shape::from((g.batch, g.c_out, g.oh, g.ow))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.0;
-        let want_dx = needs_grad(x);
-        let grad = grad.contiguous()?;
-        let all = x.apply_op3_no_bwd(w, &grad, &Conv2dBackwardOp { g, want: want_dx })?;
-        let parts = split_flat(
-            &all,
-            &[(true, w.shape()), (g.bias, b.shape()), (want_dx, x.shape())],
-        )?;
-        let mut parts = parts.into_iter();
-        let mut next = || parts.next().flatten();
-        let (dw, db, dx) = (next(), next(), next());
-        Ok((dx, dw, db))
-    }
-}
+weighted_op!(Conv2dOp, "sbp-conv2d", conv_forward, Conv2dBackwardOp, g => (g.batch, g.c_out, g.oh, g.ow));
 
 /// The convolution's backward pass over `(x, w, grad)`, into one flat buffer.
 #[derive(Debug, Clone, Copy)]
@@ -647,12 +653,21 @@ pub fn conv2d(
         dilation,
         bias: b.is_some(),
     };
-    // The op always takes three tensors; without a bias the third is an unread dummy.
+    apply_weighted(x, w, b, Conv2dOp(g))
+}
+
+/// Applies a layer op over `(x, w, b)`; without a bias the third tensor is an unread dummy.
+fn apply_weighted<C: CustomOp3 + Send + Sync + 'static>(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    op: C,
+) -> Result<Tensor> {
     let b = match b {
         Some(b) => b.contiguous()?,
         None => Tensor::zeros(1, x.dtype(), x.device())?,
     };
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b, Conv2dOp(g))
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b, op)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -737,56 +752,7 @@ fn linear_backward<T: WithDType>(
     Ok(out)
 }
 
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "sbp-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let (out, _) = cpu_dispatch!(
-            s1,
-            weighted_forward(
-                g.bias,
-                |x, w, b| linear_forward(g, x, w, b),
-                (s1, l1),
-                (s2, l2),
-                (s3, l3)
-            )
-        );
-        Ok((out, Shape::from((g.batch, g.outputs))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.0;
-        let want_dx = needs_grad(x);
-        let grad = grad.contiguous()?;
-        let all = x.apply_op3_no_bwd(w, &grad, &LinearBackwardOp { g, want: want_dx })?;
-        let parts = split_flat(
-            &all,
-            &[(true, w.shape()), (g.bias, b.shape()), (want_dx, x.shape())],
-        )?;
-        let mut parts = parts.into_iter();
-        let mut next = || parts.next().flatten();
-        let (dw, db, dx) = (next(), next(), next());
-        Ok((dx, dw, db))
-    }
-}
+weighted_op!(LinearOp, "sbp-linear", linear_forward, LinearBackwardOp, g => (g.batch, g.outputs));
 
 #[derive(Debug, Clone, Copy)]
 struct LinearBackwardOp {
@@ -820,11 +786,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         outputs: w.dim(0)?,
         bias: b.is_some(),
     };
-    let b = match b {
-        Some(b) => b.contiguous()?,
-        None => Tensor::zeros(1, x.dtype(), x.device())?,
-    };
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b, LinearOp(g))
+    apply_weighted(x, w, b, LinearOp(g))
 }
 
 // ---------------------------------------------------------------------------------------
