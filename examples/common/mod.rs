@@ -5,15 +5,29 @@ use std::path::PathBuf;
 use candle_sbp::data::ImageSet;
 use candle_sbp::experiment::{run, ExperimentConfig, ModelFn};
 
+/// A training recipe of the paper examples.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recipe {
+    /// A few epochs with a fast noise learning rate: real compression within minutes.
+    Short,
+    /// The paper's protocol, unchanged.
+    Paper,
+}
+
 /// The flags of every paper example.
 #[derive(clap::Parser, Debug)]
 pub struct Args {
     /// Dense pretraining epochs.
     #[arg(long, default_value_t = 2)]
     pub epochs_pretrain: usize,
-    /// SBP epochs (the paper: 200).
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
+    /// The training recipe: `short` (a few epochs, noise learning rate 0.05) or `paper`
+    /// (the paper's protocol as published: 200 SBP epochs, the noise at the weights'
+    /// learning rate, no KL weights). Explicit flags override either.
+    #[arg(long, value_enum, default_value_t = Recipe::Short)]
+    pub recipe: Recipe,
+    /// SBP epochs (default: 5 for `short`, 200 for `paper`).
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Seed of initialisation, shuffling and noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -23,10 +37,10 @@ pub struct Args {
     /// Learning rate of the weights.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Learning rate of the noise parameters (above the weights', so that pruning shows
-    /// within a short run).
-    #[arg(long, default_value_t = 0.05)]
-    pub noise_lr: f64,
+    /// Learning rate of the noise parameters (default: 0.05 for `short`, above the
+    /// weights' so that pruning shows within a short run; the weights' for `paper`).
+    #[arg(long)]
+    pub noise_lr: Option<f64>,
     /// Weight of one noise layer's KL term, as NAME=WEIGHT (repeatable; 1 where absent).
     #[arg(long = "kl-weight", value_parser = parse_kl_weight)]
     pub kl_weights: Vec<(String, f64)>,
@@ -88,11 +102,17 @@ pub fn main_with(
         model: name.into(),
         dataset: dataset.into(),
         epochs_pretrain: args.epochs_pretrain,
-        epochs_sbp: args.epochs,
+        epochs_sbp: args.epochs.unwrap_or(match args.recipe {
+            Recipe::Short => 5,
+            Recipe::Paper => 200,
+        }),
         seed: args.seed,
         batch_size: args.batch_size,
         lr: args.lr,
-        noise_lr: args.noise_lr,
+        noise_lr: args.noise_lr.unwrap_or(match args.recipe {
+            Recipe::Short => 0.05,
+            Recipe::Paper => args.lr,
+        }),
         kl_weights: args.kl_weights.iter().cloned().collect(),
         checkpoint: args.checkpoint.clone(),
         progress: !args.quiet,
