@@ -168,6 +168,30 @@ macro_rules! cpu_dispatch {
     };
 }
 
+/// The `cpu_fwd` of a two-input op over `(a, b)` whose output has `a`'s shape:
+/// `$kernel(&self.0, a, b)`, with `self.0` a `$geometry`.
+macro_rules! same_shape_cpu_fwd {
+    ($geometry:ty, $kernel:ident) => {
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            fn run<T: WithDType>(
+                g: &$geometry,
+                (s1, l1): (&CpuStorage, &Layout),
+                (s2, l2): (&CpuStorage, &Layout),
+            ) -> Result<Vec<T>> {
+                $kernel(g, data(s1, l1)?, data(s2, l2)?)
+            }
+            let (out, _) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2)));
+            Ok((out, l1.shape().clone()))
+        }
+    };
+}
+
 /// A backward pass as a custom op over three tensors that writes every gradient into one
 /// flat buffer (`$kernel(&op.g, op.want, a, b, c)`); the caller cuts the buffer apart.
 macro_rules! flat_backward_op {
@@ -888,23 +912,7 @@ impl CustomOp2 for MaxPoolBackwardOp {
         "sbp-max-pool2d-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            g: &PoolGeometry,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            pool_backward(g, data(s1, l1)?, data(s2, l2)?)
-        }
-        let (out, _) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2)));
-        Ok((out, l1.shape().clone()))
-    }
+    same_shape_cpu_fwd!(PoolGeometry, pool_backward);
 }
 
 /// Max-pooling of `x` `(N, C, H, W)` over `kernel × kernel` windows every `stride`
@@ -1053,23 +1061,7 @@ impl CustomOp2 for ScaleOp {
         "sbp-scale-units"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            g: &ScaleGeometry,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            scale_forward(g, data(s1, l1)?, data(s2, l2)?)
-        }
-        let (out, _) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2)));
-        Ok((out, l1.shape().clone()))
-    }
+    same_shape_cpu_fwd!(ScaleGeometry, scale_forward);
 
     fn bwd(
         &self,

@@ -67,6 +67,9 @@ pub struct Net {
     params: Vec<Vec<(&'static str, Tensor)>>,
     masks: Vec<Option<NodeMask>>,
     last_use: Vec<usize>,
+    /// Per node: its consumer, where exactly one node reads it and reads nothing else (the
+    /// pairs a fused op may take together).
+    sole_consumer: Vec<Option<usize>>,
     dtype: DType,
     device: Device,
     varmap: Option<OwnedVars>,
@@ -183,6 +186,15 @@ impl Net {
             }
         }
         last_use[n - 1] = usize::MAX;
+        let sole_consumer = (0..n)
+            .map(|i| {
+                let mut readers = (0..n).filter(|&j| spec.nodes[j].inputs.contains(&i));
+                match (readers.next(), readers.next()) {
+                    (Some(j), None) if spec.nodes[j].inputs == [i] => Some(j),
+                    _ => None,
+                }
+            })
+            .collect();
         Ok(Self {
             spec,
             shapes,
@@ -190,6 +202,7 @@ impl Net {
             params,
             masks: vec![None; n],
             last_use,
+            sole_consumer,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             varmap: None,
@@ -536,11 +549,8 @@ impl Net {
         if !train || self.masks[i].is_some() || taps.contains(&i) {
             return false;
         }
-        let mut consumers =
-            (0..self.nodes.len()).filter(|&j| self.spec.nodes[j].inputs.contains(&i));
-        let j = match (consumers.next(), consumers.next()) {
-            (Some(j), None) if self.spec.nodes[j].inputs == [i] => j,
-            _ => return false,
+        let Some(j) = self.sole_consumer[i] else {
+            return false;
         };
         let relu = |k: usize| {
             matches!(
