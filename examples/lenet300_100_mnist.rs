@@ -6,5 +6,8 @@
 mod common;
 
 fn main() -> anyhow::Result<()> {
-    common::mnist_main("lenet300_100_mnist", &candle_sbp::models::lenet_300_100)
+    common::mnist_main(
+        candle_sbp::recipe::PaperNet::LeNet300_100,
+        &candle_sbp::models::lenet_300_100,
+    )
 }

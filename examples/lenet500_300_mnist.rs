@@ -6,5 +6,8 @@
 mod common;
 
 fn main() -> anyhow::Result<()> {
-    common::mnist_main("lenet500_300_mnist", &candle_sbp::models::lenet_500_300)
+    common::mnist_main(
+        candle_sbp::recipe::PaperNet::LeNet500_300,
+        &candle_sbp::models::lenet_500_300,
+    )
 }

@@ -6,5 +6,8 @@
 mod common;
 
 fn main() -> anyhow::Result<()> {
-    common::mnist_main("lenet5_mnist", &candle_sbp::models::lenet5_caffe)
+    common::mnist_main(
+        candle_sbp::recipe::PaperNet::LeNet5Caffe,
+        &candle_sbp::models::lenet5_caffe,
+    )
 }

@@ -34,8 +34,7 @@ fn main() -> anyhow::Result<()> {
     let model =
         move |sbp: Option<LogNormalDropoutConfig>, vb: VarBuilder<'_>| vgg_like(width, sbp, vb);
     common::main_with(
-        "vgg_cifar10",
-        "cifar10",
+        candle_sbp::recipe::PaperNet::VggLike,
         &model,
         &args.common,
         data.train,

@@ -40,6 +40,8 @@ pub struct ExperimentConfig {
     /// Per-layer weights of the KL term by noise-layer name (1 where absent): above 1, a
     /// layer is pushed harder to prune.
     pub kl_weights: std::collections::BTreeMap<String, f64>,
+    /// SBP epochs over which the KL term grows linearly from 0 to its full weight.
+    pub kl_warmup_epochs: usize,
     /// Checkpoint directory (each phase in its own subfolder); resumes a run.
     pub checkpoint: Option<PathBuf>,
     /// Progress bars.
@@ -62,6 +64,7 @@ impl Default for ExperimentConfig {
             lr: 1e-3,
             noise_lr: 0.05,
             kl_weights: Default::default(),
+            kl_warmup_epochs: 0,
             checkpoint: None,
             progress: true,
             timed_batch: 100,
@@ -141,6 +144,7 @@ pub fn run(
         constant_epochs: epochs / 2,
         kl_scale,
         kl_weights: config.kl_weights.clone(),
+        kl_warmup_epochs: config.kl_warmup_epochs,
         seed: config.seed,
         checkpoint: config.checkpoint.as_ref().map(|c| c.join(sub)),
         progress: config.progress,
@@ -189,6 +193,8 @@ pub fn run(
         lr: config.lr,
         noise_lr: config.noise_lr,
         kl_weights: config.kl_weights.clone(),
+        kl_warmup_epochs: config.kl_warmup_epochs,
+        noise_units_after: r.noise_layers.iter().map(|n| n.units_after).collect(),
         train_seconds,
         dense_error,
         compressed_error,

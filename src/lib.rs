@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod ablation;
 pub mod compare;
 pub mod compress;
 pub mod coupling;
@@ -13,6 +14,7 @@ pub mod models;
 pub mod net;
 pub mod ops;
 pub mod plot;
+pub mod recipe;
 pub mod report;
 pub mod schedule;
 mod special;

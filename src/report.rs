@@ -140,6 +140,22 @@ pub struct CompressionReport {
     /// Decisions worth knowing about (a layer kept from emptying, a multiplier that stayed
     /// a scale node, …).
     pub notes: Vec<String>,
+    /// Units at each noise layer's position, before and after (the paper's notation:
+    /// LeNet5's 20-50-800-500 → 3-18-284-283), in node order.
+    #[serde(default)]
+    pub noise_layers: Vec<NoiseUnits>,
+}
+
+/// The units at one noise layer's position before and after compression: those whose
+/// noise keeps them and that the compressed network still computes and reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoiseUnits {
+    /// The noise layer.
+    pub name: String,
+    /// Its units.
+    pub units_before: usize,
+    /// Units left in the compressed network.
+    pub units_after: usize,
 }
 
 impl CompressionReport {
@@ -174,7 +190,17 @@ impl CompressionReport {
                 }
             })
             .collect();
+        let noise_layers = before
+            .noise_layers()
+            .iter()
+            .map(|&(i, layer)| NoiseUnits {
+                name: layer.name().to_string(),
+                units_before: layer.num_units(),
+                units_after: kept[i].len(),
+            })
+            .collect();
         Ok(Self {
+            noise_layers,
             input_shape: before.input_shape(),
             layers,
             params_before: inference_params(before),
@@ -242,6 +268,18 @@ impl fmt::Display for CompressionReport {
             self.macs_after,
             self.macs_ratio()
         )?;
+        if !self.noise_layers.is_empty() {
+            let units = |f: fn(&NoiseUnits) -> usize| {
+                let u: Vec<String> = self.noise_layers.iter().map(|n| f(n).to_string()).collect();
+                u.join("-")
+            };
+            writeln!(
+                f,
+                "units at the noise layers: {} → {}",
+                units(|n| n.units_before),
+                units(|n| n.units_after)
+            )?;
+        }
         for note in &self.notes {
             writeln!(f, "note: {note}")?;
         }
@@ -271,6 +309,13 @@ pub struct ExperimentReport {
     /// Per-layer KL weights (absent layers: 1).
     #[serde(default)]
     pub kl_weights: std::collections::BTreeMap<String, f64>,
+    /// SBP epochs of linear KL warm-up (0: none).
+    #[serde(default)]
+    pub kl_warmup_epochs: usize,
+    /// Units at each noise layer's position in the compressed network (the paper's
+    /// notation), in node order.
+    #[serde(default)]
+    pub noise_units_after: Vec<usize>,
     /// Wall-clock seconds of training (both phases).
     pub train_seconds: f64,
     /// Test error of the dense network after pretraining.

@@ -296,6 +296,18 @@ pub fn linear_decay_factor(epoch: usize, constant_epochs: usize, total_epochs: u
     }
 }
 
+/// The KL warm-up: the factor on the KL term at `step` (0-based) of `steps` in `epoch`
+/// (0-based), rising linearly from 0 at the first step to 1 after `warmup_epochs` epochs
+/// (1 throughout when `warmup_epochs` is 0). Without it a heavily weighted KL term removes
+/// most units in the first epoch, before the cross-entropy has said which ones matter.
+pub fn kl_warmup_factor(epoch: usize, step: usize, steps: usize, warmup_epochs: usize) -> f64 {
+    if warmup_epochs == 0 || steps == 0 {
+        return 1.0;
+    }
+    let done = epoch as f64 + step as f64 / steps as f64;
+    (done / warmup_epochs as f64).min(1.0)
+}
+
 /// Checks every parameter for NaN or infinity; the error names the parameter and index.
 pub fn check_finite(net: &Net) -> Result<()> {
     for (name, t) in net.named_params() {
@@ -340,6 +352,9 @@ pub struct FitConfig {
     pub kl_scale: f64,
     /// Per noise layer KL weights (1 where absent).
     pub kl_weights: BTreeMap<String, f64>,
+    /// The KL term grows linearly from 0 to its full weight over these first epochs, step
+    /// by step (0: full weight from the first step; see [`kl_warmup_factor`]).
+    pub kl_warmup_epochs: usize,
     /// Seeds the shuffling and the noise, epoch by epoch.
     pub seed: u64,
     /// A directory for checkpoints: written atomically after every epoch, and read back
@@ -359,6 +374,7 @@ impl Default for FitConfig {
             constant_epochs: 10,
             kl_scale: 1.0,
             kl_weights: BTreeMap::new(),
+            kl_warmup_epochs: 0,
             seed: 0,
             checkpoint: None,
             progress: true,
@@ -441,7 +457,9 @@ pub fn fit(
         for (k, chunk) in order.chunks(config.batch_size).enumerate() {
             let (xs, ys) = data.batch(chunk, &device)?;
             let logits = net.forward_t(&xs, true)?;
-            let terms = elbo(net, &logits, &ys, n, config.kl_scale, &config.kl_weights)?;
+            let kl_scale =
+                config.kl_scale * kl_warmup_factor(epoch, k, steps, config.kl_warmup_epochs);
+            let terms = elbo(net, &logits, &ys, n, kl_scale, &config.kl_weights)?;
             // The loss tensor is their sum; reading it again would cost another sync.
             let loss = terms.cross_entropy + terms.kl;
             if !loss.is_finite() {

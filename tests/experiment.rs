@@ -6,7 +6,9 @@ mod common;
 use candle_nn::VarBuilder;
 use candle_sbp::data::{cifar10, mnist, ImageSet};
 use candle_sbp::experiment::{run, ExperimentConfig};
-use candle_sbp::models::{lenet_300_100, vgg_like};
+use candle_sbp::models::{lenet5_caffe, lenet_300_100, lenet_500_300, vgg_like};
+use candle_sbp::recipe::{PaperNet, Recipe};
+use candle_sbp::report::ExperimentReport;
 use candle_sbp::LogNormalDropoutConfig;
 
 fn head(set: &ImageSet, n: usize) -> ImageSet {
@@ -36,7 +38,7 @@ const FIELDS: [&str; 16] = [
     "batch_size_timed",
 ];
 
-fn check_json(report: &candle_sbp::report::ExperimentReport) -> serde_json::Value {
+fn check_json(report: &ExperimentReport) -> serde_json::Value {
     let json: serde_json::Value =
         serde_json::from_str(&serde_json::to_string(report).unwrap()).unwrap();
     for f in FIELDS {
@@ -129,4 +131,93 @@ fn short_vgg_run_reports() {
     let json = check_json(&report);
     assert_eq!(json["units_before"].as_array().unwrap().len(), 1 + 13 + 2);
     assert!(report.dense_error <= 1.0 && report.compressed_error <= 1.0);
+}
+
+/// The examples' default recipes, shortened (1 + 4 epochs, 10,000 training images) but
+/// otherwise as `lenet5_mnist` and `lenet500_300_mnist` run them by default.
+fn short_tuned_run(net: PaperNet, model: &candle_sbp::experiment::ModelFn) -> ExperimentReport {
+    let Some(dir) = common::real_data("mnist") else {
+        panic!("unreachable: the caller checked the data");
+    };
+    let m = mnist::load(dir).unwrap();
+    let tuned = Recipe::Tuned.config(net);
+    let config = ExperimentConfig {
+        epochs_pretrain: 1,
+        epochs_sbp: 4,
+        kl_warmup_epochs: tuned.kl_warmup_epochs.min(1),
+        progress: false,
+        ..tuned
+    };
+    run(
+        model,
+        &head(&m.train, 10_000),
+        &head(&m.test, 1000),
+        &config,
+        |_, _| {},
+    )
+    .unwrap()
+    .report
+}
+
+#[test]
+fn short_form_of_the_tuned_lenet5_recipe() {
+    if common::real_data("mnist").is_none() {
+        return;
+    }
+    let report = short_tuned_run(PaperNet::LeNet5Caffe, &lenet5_caffe);
+    check_json(&report);
+    println!("{report:?}");
+    assert_eq!(report.model, "lenet5_mnist");
+    assert_eq!(report.kl_weights.get("sbp1"), Some(&100.0));
+    assert_eq!(report.kl_warmup_epochs, 1);
+    assert_eq!(report.units_before, [1, 20, 50, 500, 10]);
+    // The weighted conv layers lose channels, and with them most of the MACs.
+    assert!(
+        report.units_after[1] < 20 && report.units_after[2] < 50,
+        "{:?}",
+        report.units_after
+    );
+    assert!(
+        report.macs_after * 2 < report.macs_before,
+        "{:?}",
+        report.units_after
+    );
+    assert!(
+        report.compressed_error < 0.15,
+        "{}",
+        report.compressed_error
+    );
+}
+
+#[test]
+fn short_form_of_the_tuned_lenet500_300_recipe() {
+    if common::real_data("mnist").is_none() {
+        return;
+    }
+    let report = short_tuned_run(PaperNet::LeNet500_300, &lenet_500_300);
+    check_json(&report);
+    println!("{report:?}");
+    assert_eq!(report.kl_weights.get("sbp0"), Some(&2.0));
+    assert_eq!(report.units_before, [1, 500, 300, 10]);
+    assert!(
+        report.units_after[1] < 500 && report.units_after[2] < 300,
+        "{:?}",
+        report.units_after
+    );
+    // The input noise removes pixels, and with them fc1's inputs: params fall faster
+    // than the hidden units alone explain.
+    let hidden_only = 784 * report.units_after[1]
+        + report.units_after[1] * report.units_after[2]
+        + report.units_after[2] * 10;
+    assert!(report.params_after < hidden_only, "{}", report.params_after);
+    assert!(
+        report.macs_after * 2 < report.macs_before,
+        "{:?}",
+        report.units_after
+    );
+    assert!(
+        report.compressed_error < 0.15,
+        "{}",
+        report.compressed_error
+    );
 }

@@ -6,8 +6,12 @@ use std::collections::BTreeMap;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
+use candle_sbp::data::ImageSet;
 use candle_sbp::models::lenet_mlp;
-use candle_sbp::train::{check_finite, elbo, linear_decay_factor, Adam, AdamConfig, Flow};
+use candle_sbp::train::{
+    check_finite, elbo, fit, kl_warmup_factor, linear_decay_factor, Adam, AdamConfig, FitConfig,
+    Flow,
+};
 use candle_sbp::{Error, LogNormalDropoutConfig, Net};
 
 fn mlp(varmap: &VarMap) -> Net {
@@ -141,6 +145,14 @@ fn schedule_and_finiteness() {
     assert_eq!(linear_decay_factor(150, 100, 200), 0.5);
     assert!((linear_decay_factor(199, 100, 200) - 0.01).abs() < 1e-12);
     assert_eq!(linear_decay_factor(5, 10, 10), 1.0);
+
+    // The KL warm-up at t = 0, 0.5 and 1 of a 4-epoch warm-up of 100 steps an epoch.
+    assert_eq!(kl_warmup_factor(0, 0, 100, 4), 0.0);
+    assert_eq!(kl_warmup_factor(2, 0, 100, 4), 0.5);
+    assert_eq!(kl_warmup_factor(1, 50, 100, 4), 0.375);
+    assert_eq!(kl_warmup_factor(4, 0, 100, 4), 1.0);
+    assert_eq!(kl_warmup_factor(9, 99, 100, 4), 1.0);
+    assert_eq!(kl_warmup_factor(0, 0, 100, 0), 1.0);
 
     let varmap = VarMap::new();
     let net = mlp(&varmap);
@@ -336,4 +348,43 @@ mod fitting {
             history.last().unwrap().units_kept
         );
     }
+}
+
+/// Eight synthetic 28×28 images a class, so that a run takes milliseconds.
+fn synthetic_set() -> ImageSet {
+    let n = 80;
+    let pixels = (0..n * 784)
+        .map(|i| ((i * 7919 + (i / 784) * 31) % 251) as u8)
+        .collect();
+    ImageSet {
+        pixels,
+        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        channels: 1,
+        height: 28,
+        width: 28,
+    }
+}
+
+#[test]
+fn kl_warmup_scales_the_first_epochs_kl_term() {
+    let data = synthetic_set();
+    let run = |warmup: usize| {
+        let varmap = VarMap::new();
+        let mut net = mlp(&varmap);
+        let cfg = FitConfig {
+            epochs: 3,
+            batch_size: 20,
+            kl_warmup_epochs: warmup,
+            progress: false,
+            ..Default::default()
+        };
+        fit(&mut net, &data, &cfg, |_, _| Ok(Flow::Continue)).unwrap()
+    };
+    let (full, warm) = (run(0), run(2));
+    // Epoch 0's four steps carry factors 0, 1/8, 2/8, 3/8 (mean 3/16), epoch 1's
+    // 4/8 … 7/8 (mean 11/16), epoch 2's 1; the KL itself moves little in three epochs.
+    let ratio = |e: usize| warm[e].kl / full[e].kl;
+    assert!((ratio(0) - 3.0 / 16.0).abs() < 0.02, "{}", ratio(0));
+    assert!((ratio(1) - 11.0 / 16.0).abs() < 0.05, "{}", ratio(1));
+    assert!((ratio(2) - 1.0).abs() < 0.05, "{}", ratio(2));
 }

@@ -4,28 +4,42 @@ use std::path::PathBuf;
 
 use candle_sbp::data::ImageSet;
 use candle_sbp::experiment::{run, ExperimentConfig, ModelFn};
+use candle_sbp::recipe::{PaperNet, Recipe};
 
-/// A training recipe of the paper examples.
+/// A training recipe of the paper examples (see `candle_sbp::recipe::Recipe`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Recipe {
-    /// A few epochs with a fast noise learning rate: real compression within minutes.
-    Short,
-    /// The paper's protocol, unchanged.
+pub enum RecipeArg {
+    /// This crate's tuned recipe (LeNet5: 5 + 30 epochs, conv KL ×100 warmed up over 10;
+    /// LeNet-500-300: 20 + 50 epochs, KL ×2).
+    Tuned,
+    /// The paper's protocol, unchanged (200 SBP epochs).
     Paper,
+    /// Two dense and five SBP epochs: real compression within minutes.
+    Quick,
+}
+
+impl From<RecipeArg> for Recipe {
+    fn from(r: RecipeArg) -> Self {
+        match r {
+            RecipeArg::Tuned => Recipe::Tuned,
+            RecipeArg::Paper => Recipe::Paper,
+            RecipeArg::Quick => Recipe::Quick,
+        }
+    }
 }
 
 /// The flags of every paper example.
 #[derive(clap::Parser, Debug)]
 pub struct Args {
-    /// Dense pretraining epochs.
-    #[arg(long, default_value_t = 2)]
-    pub epochs_pretrain: usize,
-    /// The training recipe: `short` (a few epochs, noise learning rate 0.05) or `paper`
-    /// (the paper's protocol as published: 200 SBP epochs, the noise at the weights'
-    /// learning rate, no KL weights). Explicit flags override either.
-    #[arg(long, value_enum, default_value_t = Recipe::Short)]
-    pub recipe: Recipe,
-    /// SBP epochs (default: 5 for `short`, 200 for `paper`).
+    /// The training recipe: `tuned` (this crate's, from its ablation), `paper` (the
+    /// paper's protocol as published: 200 SBP epochs, the noise at the weights' learning
+    /// rate, no KL weights) or `quick` (2 + 5 epochs). Explicit flags override it.
+    #[arg(long, value_enum, default_value_t = RecipeArg::Tuned)]
+    pub recipe: RecipeArg,
+    /// Dense pretraining epochs (default: the recipe's).
+    #[arg(long)]
+    pub epochs_pretrain: Option<usize>,
+    /// SBP epochs (default: the recipe's).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Seed of initialisation, shuffling and noise.
@@ -34,16 +48,21 @@ pub struct Args {
     /// Examples per step.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
-    /// Learning rate of the weights.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Learning rate of the noise parameters (default: 0.05 for `short`, above the
-    /// weights' so that pruning shows within a short run; the weights' for `paper`).
+    /// Learning rate of the weights (default: the recipe's, 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning rate of the noise parameters (default: the recipe's: 0.05 for `tuned` and
+    /// `quick`, the weights' for `paper`).
     #[arg(long)]
     pub noise_lr: Option<f64>,
-    /// Weight of one noise layer's KL term, as NAME=WEIGHT (repeatable; 1 where absent).
+    /// Weight of one noise layer's KL term, as NAME=WEIGHT (repeatable); replaces the
+    /// recipe's weight of that layer (1 where neither gives one).
     #[arg(long = "kl-weight", value_parser = parse_kl_weight)]
     pub kl_weights: Vec<(String, f64)>,
+    /// SBP epochs over which the KL term grows linearly from 0 to its full weight
+    /// (default: the recipe's).
+    #[arg(long)]
+    pub kl_warmup: Option<usize>,
     /// Use only the first N training images (0: all).
     #[arg(long, default_value_t = 0)]
     pub train_limit: usize,
@@ -85,39 +104,51 @@ fn parse_kl_weight(s: &str) -> Result<(String, f64), String> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The recipe's settings for `net` with the explicit flags applied over them.
+pub fn experiment_config(net: PaperNet, args: &Args) -> ExperimentConfig {
+    let recipe = Recipe::from(args.recipe).config(net);
+    let mut kl_weights = recipe.kl_weights.clone();
+    kl_weights.extend(args.kl_weights.iter().cloned());
+    ExperimentConfig {
+        epochs_pretrain: args.epochs_pretrain.unwrap_or(recipe.epochs_pretrain),
+        epochs_sbp: args.epochs.unwrap_or(recipe.epochs_sbp),
+        seed: args.seed,
+        batch_size: args.batch_size,
+        lr: args.lr.unwrap_or(recipe.lr),
+        noise_lr: args.noise_lr.unwrap_or(recipe.noise_lr),
+        kl_weights,
+        kl_warmup_epochs: args.kl_warmup.unwrap_or(recipe.kl_warmup_epochs),
+        checkpoint: args.checkpoint.clone(),
+        progress: !args.quiet,
+        ..recipe
+    }
+}
+
 /// Trains, compresses, prints the table and writes the report and the model.
 pub fn main_with(
-    name: &str,
-    dataset: &str,
+    net: PaperNet,
     model: &ModelFn,
     args: &Args,
     mut train: ImageSet,
     test: &ImageSet,
 ) -> anyhow::Result<()> {
+    let name = net.name();
     if args.train_limit > 0 && args.train_limit < train.len() {
         train.pixels.truncate(args.train_limit * train.image_len());
         train.labels.truncate(args.train_limit);
     }
-    let config = ExperimentConfig {
-        model: name.into(),
-        dataset: dataset.into(),
-        epochs_pretrain: args.epochs_pretrain,
-        epochs_sbp: args.epochs.unwrap_or(match args.recipe {
-            Recipe::Short => 5,
-            Recipe::Paper => 200,
-        }),
-        seed: args.seed,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        noise_lr: args.noise_lr.unwrap_or(match args.recipe {
-            Recipe::Short => 0.05,
-            Recipe::Paper => args.lr,
-        }),
-        kl_weights: args.kl_weights.iter().cloned().collect(),
-        checkpoint: args.checkpoint.clone(),
-        progress: !args.quiet,
-        ..Default::default()
-    };
+    let config = experiment_config(net, args);
+    println!(
+        "{name}: recipe {:?}, {} dense + {} SBP epochs, lr {}, noise lr {}, KL weights {:?}, KL warm-up {} epochs, seed {}",
+        args.recipe,
+        config.epochs_pretrain,
+        config.epochs_sbp,
+        config.lr,
+        config.noise_lr,
+        config.kl_weights,
+        config.kl_warmup_epochs,
+        config.seed
+    );
     let outcome = run(model, &train, test, &config, |phase, s| {
         println!(
             "{phase} epoch {}: loss {:.4}, train error {:.2}%, kept {:?} ({:.0} s)",
@@ -167,7 +198,7 @@ pub fn main_with(
 
 /// The whole `main` of an MNIST example: parse the flags, read MNIST, run.
 #[allow(dead_code)] // vgg_cifar10 shares this module but reads CIFAR-10
-pub fn mnist_main(name: &str, model: &ModelFn) -> anyhow::Result<()> {
+pub fn mnist_main(net: PaperNet, model: &ModelFn) -> anyhow::Result<()> {
     use anyhow::Context;
     use clap::Parser;
     let args = Args::parse();
@@ -176,5 +207,5 @@ pub fn mnist_main(name: &str, model: &ModelFn) -> anyhow::Result<()> {
     candle_sbp::data::download::ensure_mnist(&dir)?;
     let data = candle_sbp::data::mnist::load(&dir)
         .with_context(|| format!("reading MNIST from {}", dir.display()))?;
-    main_with(name, "mnist", model, &args, data.train, &data.test)
+    main_with(net, model, &args, data.train, &data.test)
 }
