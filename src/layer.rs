@@ -161,6 +161,19 @@ pub struct LogNormalDropout {
     config: LogNormalDropoutConfig,
     name: String,
     rng: Arc<Mutex<StdRng>>,
+    /// The KL terms computed alongside the last shared draw, for the parameters they were
+    /// computed at: the loss of the same step then reuses them.
+    kl_cache: Arc<Mutex<Option<KlCache>>>,
+}
+
+/// The KL and its gradients per unit at the parameters `mu`, `log_sigma` (host copies).
+#[derive(Debug)]
+struct KlCache {
+    mu: Vec<f64>,
+    log_sigma: Vec<f64>,
+    kl: Vec<f64>,
+    g_mu: Vec<f64>,
+    g_ls: Vec<f64>,
 }
 
 /// Creates a [`LogNormalDropout`] over `units` units with its parameters `mu` and
@@ -229,6 +242,7 @@ impl LogNormalDropout {
             config,
             name,
             rng,
+            kl_cache: Arc::default(),
         })
     }
 
@@ -296,16 +310,31 @@ impl LogNormalDropout {
     /// The layer's KL summed over units: a scalar tensor differentiable in `μ` and `log σ`.
     /// The training objective is `cross-entropy + Σ_layers kl() / N_train`.
     pub fn kl(&self) -> Result<Tensor> {
-        let params = self.clamped_params()?;
-        let terms: Vec<(f64, (f64, f64))> = params
-            .par_chunks(PAR_UNITS)
-            .flat_map_iter(|chunk| {
-                chunk.iter().map(|p| {
-                    let g = p.dist.kl_grad();
-                    (p.dist.kl(), p.gate(g.d_mu, g.d_log_sigma))
+        let (mu, log_sigma) = self.host_params()?;
+        let cached = {
+            let mut cache = self.kl_cache.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.take() {
+                Some(c) if c.mu == mu && c.log_sigma == log_sigma => Some(c),
+                _ => None,
+            }
+        };
+        let terms: Vec<(f64, (f64, f64))> = match cached {
+            Some(c) => {
+                c.kl.into_iter()
+                    .zip(c.g_mu.into_iter().zip(c.g_ls))
+                    .collect()
+            }
+            None => self
+                .clamp(&mu, &log_sigma)?
+                .par_chunks(PAR_UNITS)
+                .flat_map_iter(|chunk| {
+                    chunk.iter().map(|p| {
+                        let g = p.dist.kl_grad();
+                        (p.dist.kl(), p.gate(g.d_mu, g.d_log_sigma))
+                    })
                 })
-            })
-            .collect();
+                .collect(),
+        };
         // Summed in unit order, so the total does not depend on the thread count.
         let total: f64 = terms.iter().map(|t| t.0).sum();
         let (g_mu, g_ls): (Vec<f64>, Vec<f64>) = terms.into_iter().map(|t| t.1).unzip();
@@ -404,7 +433,8 @@ impl LogNormalDropout {
     /// `log σ`, row-major `(rows, units)`, and `rows` (1 when shared by the batch).
     #[allow(clippy::type_complexity)]
     fn draw(&self, xs: &Tensor) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> {
-        let params = self.clamped_params()?;
+        let (mu, log_sigma) = self.host_params()?;
+        let params = self.clamp(&mu, &log_sigma)?;
         let units = params.len();
         let rows = match self.config.noise {
             NoiseMode::SharedPerBatch => 1,
@@ -418,20 +448,50 @@ impl LogNormalDropout {
             (0..n).map(|_| open_unit(&mut rng)).collect()
         };
         let (mut value, mut g_mu, mut g_ls) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        // With one draw per unit, the KL of the step's loss comes from the same windows.
+        let with_kl = rows == 1;
+        let kl_len = if with_kl { n } else { 0 };
+        let (mut kl, mut k_mu, mut k_ls) =
+            (vec![0.0; kl_len], vec![0.0; kl_len], vec![0.0; kl_len]);
+        // One `Some` per chunk of units with the KL, `None`s without it.
+        let mut kl_chunks: Vec<_> = kl
+            .chunks_mut(PAR_UNITS)
+            .zip(k_mu.chunks_mut(PAR_UNITS).zip(k_ls.chunks_mut(PAR_UNITS)))
+            .map(Some)
+            .collect();
+        kl_chunks.resize_with(n.div_ceil(PAR_UNITS), || None);
         value
             .par_chunks_mut(PAR_UNITS)
             .zip(g_mu.par_chunks_mut(PAR_UNITS))
             .zip(g_ls.par_chunks_mut(PAR_UNITS))
+            .zip(kl_chunks.into_par_iter())
             .enumerate()
-            .for_each(|(c, ((value, g_mu), g_ls))| {
+            .for_each(|(c, (((value, g_mu), g_ls), mut kl))| {
                 for (j, ((v, gm), gl)) in value.iter_mut().zip(g_mu).zip(g_ls).enumerate() {
                     let k = c * PAR_UNITS + j;
                     let p = &params[k % units];
-                    let s = p.dist.sample_unchecked(uniforms[k]);
+                    let s = match &mut kl {
+                        Some((kl, (k_mu, k_ls))) => {
+                            let (s, value, g) = p.dist.sample_and_kl_unchecked(uniforms[k]);
+                            kl[j] = value;
+                            (k_mu[j], k_ls[j]) = p.gate(g.d_mu, g.d_log_sigma);
+                            s
+                        }
+                        None => p.dist.sample_unchecked(uniforms[k]),
+                    };
                     *v = s.log_theta;
                     (*gm, *gl) = p.gate(s.d_mu, s.d_log_sigma);
                 }
             });
+        if with_kl {
+            *self.kl_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(KlCache {
+                mu,
+                log_sigma,
+                kl,
+                g_mu: k_mu,
+                g_ls: k_ls,
+            });
+        }
         Ok((value, g_mu, g_ls, rows))
     }
 
@@ -515,11 +575,20 @@ impl LogNormalDropout {
     }
 
     fn clamped_params(&self) -> Result<Vec<UnitParams>> {
-        let mu = to_f64_vec(&self.mu)?;
-        let log_sigma = to_f64_vec(&self.log_sigma)?;
+        let (mu, log_sigma) = self.host_params()?;
+        self.clamp(&mu, &log_sigma)
+    }
+
+    /// `μ` and `log σ` on the host, in f64.
+    fn host_params(&self) -> Result<(Vec<f64>, Vec<f64>)> {
+        Ok((to_f64_vec(&self.mu)?, to_f64_vec(&self.log_sigma)?))
+    }
+
+    /// Each unit's clamped distribution; a non-finite parameter is an error naming it.
+    fn clamp(&self, mu: &[f64], log_sigma: &[f64]) -> Result<Vec<UnitParams>> {
         let c = &self.config;
         mu.iter()
-            .zip(&log_sigma)
+            .zip(log_sigma)
             .enumerate()
             .map(|(index, (&m, &ls))| {
                 for (name, value) in [("mu", m), ("log_sigma", ls)] {

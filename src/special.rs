@@ -85,19 +85,33 @@ pub(crate) fn log_mills(x: f64) -> f64 {
     }
 }
 
+/// `(ℓ(x), R(x))` from one evaluation: bit for bit what [`log_mills`] and [`mills`]
+/// return, at half their joint cost.
+pub(crate) fn log_mills_and_mills(x: f64) -> (f64, f64) {
+    if x >= CF_START {
+        let t0 = mills_tails(x).t0;
+        (-t0.ln(), 1.0 / t0)
+    } else {
+        let ell = log_mills_by_erfc(x);
+        (ell, ell.exp())
+    }
+}
+
+/// `(R(x), c(x))` from one evaluation, with `c(x) = 1/R(x) - x` the excess of the
+/// inverse Mills ratio over `x` (`≈ 1/x` for large `x`), computed without cancellation.
+pub(crate) fn mills_and_inv_mills_excess(x: f64) -> (f64, f64) {
+    if x >= CF_START {
+        let t = mills_tails(x);
+        (1.0 / t.t0, 1.0 / t.t1)
+    } else {
+        let r = mills(x);
+        (r, 1.0 / r - x)
+    }
+}
+
 /// `ℓ(x)` through `erfc`, accurate while `erfc(x/√2)` does not underflow.
 fn log_mills_by_erfc(x: f64) -> f64 {
     (0.5 * erfc(x / SQRT_2)).ln() + 0.5 * x * x + LN_SQRT_2PI
-}
-
-/// `c(x) = 1/R(x) - x`, the excess of the inverse Mills ratio over `x` (`≈ 1/x` for large
-/// `x`), computed without cancellation.
-pub(crate) fn inv_mills_excess(x: f64) -> f64 {
-    if x >= CF_START {
-        1.0 / mills_tails(x).t1
-    } else {
-        1.0 / mills(x) - x
-    }
 }
 
 /// `ln Φc(x)`, finite for every finite `x`.

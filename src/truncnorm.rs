@@ -46,9 +46,11 @@
 //! ```
 
 use crate::error::{Error, Result};
+use statrs::function::erf::erfc_inv;
+const SQRT_2: f64 = std::f64::consts::SQRT_2;
 use crate::special::{
-    gauss_legendre_16, inv_mills_excess, log_mills, mills, mills_tails, norm_cdf,
-    norm_inv_cdf_lower, norm_mass_straddling, norm_pdf, norm_sf, LN_SQRT_2PI,
+    gauss_legendre_16, log_mills, log_mills_and_mills, mills_and_inv_mills_excess, mills_tails,
+    norm_cdf, norm_inv_cdf_lower, norm_mass_straddling, norm_pdf, norm_sf, LN_SQRT_2PI,
 };
 
 /// Default lower bound `a` of `log θ` (the paper's value).
@@ -172,26 +174,37 @@ impl TruncatedLogNormal {
 
     /// Differential entropy of `log θ` (nats).
     pub fn entropy(&self) -> f64 {
-        self.log_sigma + window_entropy(self.alpha(), self.beta())
+        self.log_sigma + self.window().entropy()
     }
 
     /// `KL(q ‖ p)` from the log-uniform prior: `ln(b - a) - H[log θ]`.
     pub fn kl(&self) -> f64 {
-        let (alpha, beta) = (self.alpha(), self.beta());
-        if let Some(kl) = narrow_window_kl(alpha, beta) {
-            return kl;
-        }
-        // KL = ln w - H[Y] with w = (b - a)/σ, the window's standardised width.
-        (self.b - self.a).ln() - self.log_sigma - window_entropy(alpha, beta)
+        self.kl_in(&self.window())
     }
 
     /// Gradient of [`kl`](Self::kl) with respect to `μ` and `log σ`.
     pub fn kl_grad(&self) -> ParamGrad {
-        let (alpha, beta) = (self.alpha(), self.beta());
-        let g = window_entropy_grad(alpha, beta);
+        self.kl_grad_in(&self.window())
+    }
+
+    /// The standardised window with the pieces that the KL, its gradient and a draw share.
+    fn window(&self) -> Window {
+        Window::new(self.alpha(), self.beta())
+    }
+
+    fn kl_in(&self, w: &Window) -> f64 {
+        if let Some(kl) = narrow_window_kl(w.alpha, w.beta) {
+            return kl;
+        }
+        // KL = ln w - H[Y] with w = (b - a)/σ, the window's standardised width.
+        (self.b - self.a).ln() - self.log_sigma - w.entropy()
+    }
+
+    fn kl_grad_in(&self, w: &Window) -> ParamGrad {
+        let g = w.entropy_grad();
         ParamGrad {
             d_mu: (g.d_alpha + g.d_beta) / self.sigma(),
-            d_log_sigma: alpha * g.d_alpha + beta * g.d_beta - 1.0,
+            d_log_sigma: w.alpha * g.d_alpha + w.beta * g.d_beta - 1.0,
         }
     }
 
@@ -246,32 +259,48 @@ impl TruncatedLogNormal {
 
     /// The sampler without the range check on `u` (the layer draws `u` itself).
     pub(crate) fn sample_unchecked(&self, u: f64) -> LogThetaSample {
-        let (alpha, beta, sigma) = (self.alpha(), self.beta(), self.sigma());
+        self.sample_in(&self.window(), u)
+    }
+
+    /// A draw with the KL and its gradient, sharing the window's Mills ratios between them:
+    /// bit for bit what [`sample_unchecked`](Self::sample_unchecked), [`kl`](Self::kl)
+    /// and [`kl_grad`](Self::kl_grad) return.
+    pub(crate) fn sample_and_kl_unchecked(&self, u: f64) -> (LogThetaSample, f64, ParamGrad) {
+        let w = self.window();
+        (self.sample_in(&w, u), self.kl_in(&w), self.kl_grad_in(&w))
+    }
+
+    fn sample_in(&self, w: &Window, u: f64) -> LogThetaSample {
+        let (alpha, beta, sigma) = (w.alpha, w.beta, self.sigma());
         let v = 1.0 - u;
-        let mut s = if alpha >= 0.0 {
-            let t = tail_draw(alpha, beta, u, v);
-            LogThetaSample {
-                log_theta: self.a + sigma * t.delta,
-                d_mu: -(t.d_alpha + t.d_beta),
-                d_log_sigma: sigma * (t.delta - alpha * t.d_alpha - beta * t.d_beta),
+        let mut s = match &w.kind {
+            WindowKind::Upper(tw) => {
+                let t = tail_draw(tw, u, v);
+                LogThetaSample {
+                    log_theta: self.a + sigma * t.delta,
+                    d_mu: -(t.d_alpha + t.d_beta),
+                    d_log_sigma: sigma * (t.delta - alpha * t.d_alpha - beta * t.d_beta),
+                }
             }
-        } else if beta <= 0.0 {
-            // Mirror: -log θ has bounds [-b, -a], location -μ, and uses the draw 1 - u.
-            let (ma, mb) = (-beta, -alpha);
-            let t = tail_draw(ma, mb, v, u);
-            LogThetaSample {
-                log_theta: self.b - sigma * t.delta,
-                d_mu: -(t.d_alpha + t.d_beta),
-                d_log_sigma: -sigma * (t.delta - ma * t.d_alpha - mb * t.d_beta),
+            WindowKind::Lower(tw) => {
+                // Mirror: -log θ has bounds [-b, -a], location -μ, and uses the draw 1 - u.
+                let (ma, mb) = (-beta, -alpha);
+                let t = tail_draw(tw, v, u);
+                LogThetaSample {
+                    log_theta: self.b - sigma * t.delta,
+                    d_mu: -(t.d_alpha + t.d_beta),
+                    d_log_sigma: -sigma * (t.delta - ma * t.d_alpha - mb * t.d_beta),
+                }
             }
-        } else {
-            let y = straddling_draw(alpha, beta, u, v);
-            let da = (v.ln() + 0.5 * (y - alpha) * (y + alpha)).exp();
-            let db = (u.ln() + 0.5 * (y - beta) * (y + beta)).exp();
-            LogThetaSample {
-                log_theta: self.mu + sigma * y,
-                d_mu: 1.0 - da - db,
-                d_log_sigma: sigma * (y - alpha * da - beta * db),
+            &WindowKind::Straddling(z) => {
+                let y = straddling_draw(alpha, beta, z, u, v);
+                let da = (v.ln() + 0.5 * (y - alpha) * (y + alpha)).exp();
+                let db = (u.ln() + 0.5 * (y - beta) * (y + beta)).exp();
+                LogThetaSample {
+                    log_theta: self.mu + sigma * y,
+                    d_mu: 1.0 - da - db,
+                    d_log_sigma: sigma * (y - alpha * da - beta * db),
+                }
             }
         };
         s.log_theta = s.log_theta.clamp(self.a, self.b);
@@ -339,24 +368,33 @@ struct TailWindow {
 impl TailWindow {
     fn new(alpha: f64, beta: f64) -> Self {
         debug_assert!(alpha >= 0.0 && beta > alpha);
-        let ell_alpha = log_mills(alpha);
-        let ln_rho =
-            (-0.5 * (beta - alpha) * (beta + alpha) + log_mills(beta) - ell_alpha).min(0.0);
-        let rho = ln_rho.exp();
-        let (t0, c, alpha_c_minus_1, variance_one_sided) = if alpha >= 3.0 {
+        // One continued fraction (or one erfc) serves both ℓ(α) and 1/R(α).
+        let (ell_alpha, t0, c, alpha_c_minus_1, variance_one_sided) = if alpha >= 3.0 {
             let t = mills_tails(alpha);
             let c = 1.0 / t.t1;
             (
+                -t.t0.ln(),
                 t.t0,
                 c,
                 -2.0 / (t.t1 * t.t2),
                 (2.0 / t.t2 - 1.0 / t.t1) / t.t1,
             )
         } else {
-            let t0 = 1.0 / mills(alpha);
+            let (ell, r) = log_mills_and_mills(alpha);
+            let t0 = 1.0 / r;
             let c = t0 - alpha;
-            (t0, c, alpha * c - 1.0, 1.0 - t0 * c)
+            (ell, t0, c, alpha * c - 1.0, 1.0 - t0 * c)
         };
+        // ℓ decreases, so ln ρ <= -(β² - α²)/2: below -1000, ρ is exactly 0 in f64 either
+        // way, and 1/R(β) only ever enters multiplied by ρ (its asymptote β stands in).
+        let gap = -0.5 * (beta - alpha) * (beta + alpha);
+        let (ln_rho, u0) = if gap < -1000.0 {
+            (gap, beta)
+        } else {
+            let (ell_beta, r_beta) = log_mills_and_mills(beta);
+            ((gap + ell_beta - ell_alpha).min(0.0), 1.0 / r_beta)
+        };
+        let rho = ln_rho.exp();
         TailWindow {
             alpha,
             beta,
@@ -367,7 +405,7 @@ impl TailWindow {
             t0,
             c,
             alpha_c_minus_1,
-            u0: 1.0 / mills(beta),
+            u0,
             variance_one_sided,
         }
     }
@@ -426,37 +464,69 @@ fn ln_mass(alpha: f64, beta: f64) -> f64 {
     }
 }
 
-/// Entropy of the standard normal truncated to `[α, β]` (mirror-invariant).
-fn window_entropy(alpha: f64, beta: f64) -> f64 {
-    if alpha >= 0.0 {
-        TailWindow::new(alpha, beta).entropy()
-    } else if beta <= 0.0 {
-        TailWindow::new(-beta, -alpha).entropy()
-    } else {
-        let z = norm_mass_straddling(alpha, beta);
-        let tilt = (alpha * norm_pdf(alpha) - beta * norm_pdf(beta)) / (2.0 * z);
-        0.5 + LN_SQRT_2PI + z.ln() + tilt
-    }
+/// A standardised window `[α, β]` and what its statistics and draws share.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    alpha: f64,
+    beta: f64,
+    kind: WindowKind,
 }
 
-fn window_entropy_grad(alpha: f64, beta: f64) -> WindowGrad {
-    if alpha >= 0.0 {
-        TailWindow::new(alpha, beta).entropy_grad()
-    } else if beta <= 0.0 {
-        // H(α, β) = H'(-β, -α): the derivatives swap and change sign.
-        let m = TailWindow::new(-beta, -alpha).entropy_grad();
-        WindowGrad {
-            d_alpha: -m.d_beta,
-            d_beta: -m.d_alpha,
+#[derive(Debug, Clone, Copy)]
+enum WindowKind {
+    /// `α >= 0`.
+    Upper(TailWindow),
+    /// `β <= 0`: the mirrored window `[-β, -α]`.
+    Lower(TailWindow),
+    /// `α < 0 < β`, with `Z = Φ(β) - Φ(α)`.
+    Straddling(f64),
+}
+
+impl Window {
+    fn new(alpha: f64, beta: f64) -> Self {
+        let kind = if alpha >= 0.0 {
+            WindowKind::Upper(TailWindow::new(alpha, beta))
+        } else if beta <= 0.0 {
+            WindowKind::Lower(TailWindow::new(-beta, -alpha))
+        } else {
+            WindowKind::Straddling(norm_mass_straddling(alpha, beta))
+        };
+        Window { alpha, beta, kind }
+    }
+
+    /// Entropy of the standard normal truncated to `[α, β]` (mirror-invariant).
+    fn entropy(&self) -> f64 {
+        let (alpha, beta) = (self.alpha, self.beta);
+        match &self.kind {
+            WindowKind::Upper(w) | WindowKind::Lower(w) => w.entropy(),
+            &WindowKind::Straddling(z) => {
+                let tilt = (alpha * norm_pdf(alpha) - beta * norm_pdf(beta)) / (2.0 * z);
+                0.5 + LN_SQRT_2PI + z.ln() + tilt
+            }
         }
-    } else {
-        let z = norm_mass_straddling(alpha, beta);
-        let lambda_a = norm_pdf(alpha) / z;
-        let lambda_b = norm_pdf(beta) / z;
-        let g = 0.5 * (alpha * lambda_a - beta * lambda_b);
-        WindowGrad {
-            d_alpha: lambda_a * (g - 0.5 * (1.0 + alpha * alpha)),
-            d_beta: lambda_b * (0.5 * (1.0 + beta * beta) - g),
+    }
+
+    fn entropy_grad(&self) -> WindowGrad {
+        let (alpha, beta) = (self.alpha, self.beta);
+        match &self.kind {
+            WindowKind::Upper(w) => w.entropy_grad(),
+            WindowKind::Lower(w) => {
+                // H(α, β) = H'(-β, -α): the derivatives swap and change sign.
+                let m = w.entropy_grad();
+                WindowGrad {
+                    d_alpha: -m.d_beta,
+                    d_beta: -m.d_alpha,
+                }
+            }
+            &WindowKind::Straddling(z) => {
+                let lambda_a = norm_pdf(alpha) / z;
+                let lambda_b = norm_pdf(beta) / z;
+                let g = 0.5 * (alpha * lambda_a - beta * lambda_b);
+                WindowGrad {
+                    d_alpha: lambda_a * (g - 0.5 * (1.0 + alpha * alpha)),
+                    d_beta: lambda_b * (0.5 * (1.0 + beta * beta) - g),
+                }
+            }
         }
     }
 }
@@ -595,21 +665,43 @@ struct TailDraw {
     d_beta: f64,
 }
 
+/// Below this `α`, a tail draw starts Newton from the inverse normal CDF: its error in
+/// `δ` grows like `1e-10·α²` relative, still far inside Newton's quadratic basin.
+const GUESS_BY_INVERSE_BELOW: f64 = 10.0;
+
 /// Solves `Φc(α + δ) = v Φc(α) + u Φc(β)` for `δ >= 0` with `v = 1 - u`, i.e.
 /// `g(δ) = -αδ - δ²/2 + ℓ(α + δ) - ℓ(α) - ln(v + uρ) = 0`. `g` is concave and
 /// decreasing, so Newton from `δ = 0` overshoots once and then converges monotonically.
-fn tail_draw(alpha: f64, beta: f64, u: f64, v: f64) -> TailDraw {
-    let w = TailWindow::new(alpha, beta);
+fn tail_draw(w: &TailWindow, u: f64, v: f64) -> TailDraw {
+    let (alpha, beta) = (w.alpha, w.beta);
     let q = v + u * w.rho;
     let r = q.ln();
     let width = beta - alpha;
-    let g = |d: f64| -alpha * d - 0.5 * d * d + log_mills(alpha + d) - w.ell_alpha - r;
-    let mut delta = (-r / w.t0).min(width);
-    // Converged once a step no longer shrinks (round-off in `g` then dominates) or falls
-    // below a few ulps; quadratic convergence gets there in a handful of steps.
+    // g(δ) and the Newton scale R(α + δ) from one evaluation of the Mills ratio.
+    let g_and_scale = |d: f64| {
+        let (ell, r_y) = log_mills_and_mills(alpha + d);
+        ((-alpha * d - 0.5 * d * d + ell - w.ell_alpha - r), r_y)
+    };
+    // Start from the exponential tail's δ = -ln q / t0, or near the window's start,
+    // where that is crude, from Φc⁻¹(q·Φc(α)) (statrs' erfc⁻¹, good to ~1e-10): one or
+    // two Newton steps then finish instead of five or six.
+    let mut delta = if alpha < GUESS_BY_INVERSE_BELOW {
+        let target = q * norm_sf(alpha);
+        (SQRT_2 * erfc_inv(2.0 * target) - alpha).clamp(0.0, width)
+    } else {
+        (-r / w.t0).min(width)
+    };
+    if !delta.is_finite() {
+        delta = (-r / w.t0).min(width);
+    }
+    // Converged once a step no longer shrinks (round-off in `g` then dominates) or is
+    // below 1e-9 of δ: the error after a step is about C·step² with C = |g''/2g'| ≈ 1/(2y),
+    // so the step just taken left δ within a few ulps and another evaluation would only
+    // confirm it.
     let mut last_move = f64::INFINITY;
     for _ in 0..100 {
-        let step = g(delta) * mills(alpha + delta);
+        let (g, scale) = g_and_scale(delta);
+        let step = g * scale;
         let next = (delta + step).clamp(0.0, width);
         let moved = (next - delta).abs();
         if moved.partial_cmp(&last_move) != Some(std::cmp::Ordering::Less) {
@@ -617,15 +709,15 @@ fn tail_draw(alpha: f64, beta: f64, u: f64, v: f64) -> TailDraw {
         }
         delta = next;
         last_move = moved;
-        if moved <= 4.0 * f64::EPSILON * delta {
+        if moved <= 1e-9 * delta {
             break;
         }
     }
     let y = alpha + delta;
-    let r_y = mills(y);
+    let (r_y, c_y) = mills_and_inv_mills_excess(y);
     let r_alpha = u * w.rho * w.t0 / q;
     let r_beta = -u * w.rho * w.u0 / q;
-    let g_alpha = -delta - inv_mills_excess(y) + w.c - r_alpha;
+    let g_alpha = -delta - c_y + w.c - r_alpha;
     TailDraw {
         delta,
         d_alpha: g_alpha * r_y,
@@ -635,8 +727,7 @@ fn tail_draw(alpha: f64, beta: f64, u: f64, v: f64) -> TailDraw {
 
 /// `Φ⁻¹(Φ(α) + uZ)` for a window with `α < 0 < β`, through whichever tail keeps full
 /// relative precision.
-fn straddling_draw(alpha: f64, beta: f64, u: f64, v: f64) -> f64 {
-    let z = norm_mass_straddling(alpha, beta);
+fn straddling_draw(alpha: f64, beta: f64, z: f64, u: f64, v: f64) -> f64 {
     let lower = norm_cdf(alpha) + u * z;
     let y = if lower <= 0.5 {
         norm_inv_cdf_lower(lower)
@@ -689,8 +780,8 @@ mod tests {
     #[test]
     fn mirrored_windows_have_equal_entropy() {
         for (a, b) in [(0.5, 3.0), (4.0, 9.0), (-1.0, 2.0), (10.0, 10.5)] {
-            let h1 = window_entropy(a, b);
-            let h2 = window_entropy(-b, -a);
+            let h1 = Window::new(a, b).entropy();
+            let h2 = Window::new(-b, -a).entropy();
             assert!((h1 - h2).abs() < 1e-12, "{a} {b}: {h1} {h2}");
         }
     }

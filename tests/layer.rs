@@ -125,6 +125,44 @@ fn kl_tensor_matches_f64_maths_in_value_and_gradient() {
     }
 }
 
+/// The KL value and gradients of `l` as host vectors.
+fn kl_and_grads(varmap: &VarMap, l: &LogNormalDropout) -> (f64, Vec<f64>, Vec<f64>) {
+    let kl = l.kl().unwrap();
+    let grads = kl.backward().unwrap();
+    let get = |name: &str| -> Vec<f64> {
+        grads
+            .get(var(varmap, name).as_tensor())
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    (
+        kl.to_scalar::<f64>().unwrap(),
+        get("sbp.mu"),
+        get("sbp.log_sigma"),
+    )
+}
+
+#[test]
+fn kl_computed_with_the_draw_equals_the_kl_computed_alone_and_never_goes_stale() {
+    let (varmap, l) = layer(NoiseMode::SharedPerBatch, 1);
+    let alone = kl_and_grads(&varmap, &l);
+    // A training pass draws θ and computes the KL from the same windows.
+    l.forward_t(&input(&[3, 6]), true).unwrap();
+    assert_eq!(kl_and_grads(&varmap, &l), alone, "bit for bit");
+    // New parameters after the draw (an optimiser step): the KL follows them.
+    let mu = var(&varmap, "sbp.mu");
+    l.forward_t(&input(&[3, 6]), true).unwrap();
+    mu.set(&(mu.as_tensor() - 0.25).unwrap()).unwrap();
+    let moved = kl_and_grads(&varmap, &l);
+    assert_ne!(moved.0, alone.0);
+    let (fresh_vm, fresh) = layer(NoiseMode::SharedPerBatch, 1);
+    var(&fresh_vm, "sbp.mu")
+        .set(&(Tensor::new(&MU, &Device::Cpu).unwrap() - 0.25).unwrap())
+        .unwrap();
+    assert_eq!(moved, kl_and_grads(&fresh_vm, &fresh));
+}
+
 #[test]
 fn evaluation_multiplies_by_mean_of_kept_units_only() {
     let (_varmap, l) = layer(NoiseMode::SharedPerBatch, 1);
