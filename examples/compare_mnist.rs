@@ -6,6 +6,8 @@
 //!
 //! `--model a` is DropNet's "Model A" MLP (784-40-40-10); `--model lenet5` is LeNet5-Caffe.
 
+mod common;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -37,6 +39,10 @@ struct Args {
     /// Learning rate of the noise parameters.
     #[arg(long, default_value_t = 0.05)]
     noise_lr: f64,
+    /// Weight of one SBP noise layer's KL term, as NAME=WEIGHT (repeatable; 1 where
+    /// absent). The tuned LeNet5 recipe weights its conv layers: `sbp1=50 sbp2=50`.
+    #[arg(long = "kl-weight", value_parser = common::parse_kl_weight)]
+    kl_weights: Vec<(String, f64)>,
     /// Training images used (0: all but the validation split).
     #[arg(long, default_value_t = 0)]
     train_limit: usize,
@@ -102,6 +108,7 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             },
             kl_scale: 0.0,
+            kl_weights: args.kl_weights.iter().cloned().collect(),
             seed: args.seed,
             progress: !args.quiet,
             ..Default::default()

@@ -105,12 +105,14 @@ impl Setting {
             "{} + {} epochs, lr {}, noise lr {}",
             r.epochs_pretrain, r.epochs_sbp, r.lr, r.noise_lr
         );
-        if !r.kl_weights.is_empty() {
-            let weights: Vec<String> = r
-                .kl_weights
-                .iter()
-                .map(|(name, w)| format!("{name} ×{w}"))
-                .collect();
+        // A weight of 1 is no weight.
+        let weights: Vec<String> = r
+            .kl_weights
+            .iter()
+            .filter(|(_, &w)| w != 1.0)
+            .map(|(name, w)| format!("{name} ×{w}"))
+            .collect();
+        if !weights.is_empty() {
             label += &format!(", KL {}", weights.join(" "));
         }
         if r.kl_warmup_epochs > 0 {

@@ -159,7 +159,11 @@ pub fn compare(
                 let mut net = model(None, vb)?;
                 net.reset_parameters(config.seed)?;
                 let schedule = IterativeConfig {
-                    fit: config.fit.clone(),
+                    // KL weights are for SBP's noise layers; these networks have none.
+                    fit: FitConfig {
+                        kl_weights: Default::default(),
+                        ..config.fit.clone()
+                    },
                     patience: config.patience,
                     selection: *selection,
                     target_keep: 0.0,

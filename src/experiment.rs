@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::compress::{compress, CompressConfig, Compressed};
 use crate::data::ImageSet;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layer::LogNormalDropoutConfig;
 use crate::net::Net;
 use crate::report::{test_error, time_forward, ExperimentReport};
@@ -120,17 +120,6 @@ pub fn run(
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &config.device);
     let mut net = model(Some(LogNormalDropoutConfig::default()), vb)?;
     net.reset_parameters(config.seed)?;
-    let noise_names: Vec<String> = net
-        .noise_layers()
-        .iter()
-        .map(|(_, l)| l.name().to_string())
-        .collect();
-    if let Some(unknown) = config.kl_weights.keys().find(|k| !noise_names.contains(k)) {
-        return Err(Error::InvalidConfig {
-            layer: unknown.clone(),
-            reason: format!("a KL weight for no noise layer (the noise layers: {noise_names:?})"),
-        });
-    }
     let adam = |lr| AdamConfig {
         lr,
         beta1: 0.95,

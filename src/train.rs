@@ -308,6 +308,19 @@ pub fn kl_warmup_factor(epoch: usize, step: usize, steps: usize, warmup_epochs: 
     (done / warmup_epochs as f64).min(1.0)
 }
 
+/// Fails with [`Error::InvalidConfig`] if `weights` names a layer that is not one of
+/// `net`'s noise layers (a typo would otherwise silently weight nothing).
+pub fn check_kl_weights(net: &Net, weights: &BTreeMap<String, f64>) -> Result<()> {
+    let names: Vec<&str> = net.noise_layers().iter().map(|(_, l)| l.name()).collect();
+    match weights.keys().find(|k| !names.contains(&k.as_str())) {
+        Some(unknown) => Err(Error::InvalidConfig {
+            layer: unknown.clone(),
+            reason: format!("a KL weight for no noise layer (the noise layers: {names:?})"),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Checks every parameter for NaN or infinity; the error names the parameter and index.
 pub fn check_finite(net: &Net) -> Result<()> {
     for (name, t) in net.named_params() {
@@ -433,6 +446,7 @@ pub fn fit(
             ),
         });
     }
+    check_kl_weights(net, &config.kl_weights)?;
     let mut opt = Adam::new(net, config.weights, config.noise)?;
     let mut history = Vec::new();
     if let Some(dir) = &config.checkpoint {

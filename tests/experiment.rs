@@ -168,8 +168,7 @@ fn short_form_of_the_tuned_lenet5_recipe() {
     check_json(&report);
     println!("{report:?}");
     assert_eq!(report.model, "lenet5_mnist");
-    assert_eq!(report.kl_weights.get("sbp1"), Some(&100.0));
-    assert_eq!(report.kl_warmup_epochs, 1);
+    assert_eq!(report.kl_weights.get("sbp1"), Some(&50.0));
     assert_eq!(report.units_before, [1, 20, 50, 500, 10]);
     // The weighted conv layers lose channels, and with them most of the MACs.
     assert!(

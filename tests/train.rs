@@ -388,3 +388,22 @@ fn kl_warmup_scales_the_first_epochs_kl_term() {
     assert!((ratio(1) - 11.0 / 16.0).abs() < 0.05, "{}", ratio(1));
     assert!((ratio(2) - 1.0).abs() < 0.05, "{}", ratio(2));
 }
+
+#[test]
+fn a_kl_weight_for_no_noise_layer_is_a_typed_error() {
+    let varmap = VarMap::new();
+    let mut net = mlp(&varmap);
+    let cfg = FitConfig {
+        epochs: 1,
+        kl_weights: [("sbp9".to_string(), 2.0)].into_iter().collect(),
+        progress: false,
+        ..Default::default()
+    };
+    match fit(&mut net, &synthetic_set(), &cfg, |_, _| Ok(Flow::Continue)) {
+        Err(Error::InvalidConfig { layer, reason }) => {
+            assert_eq!(layer, "sbp9");
+            assert!(reason.contains("sbp0"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,5 +1,8 @@
 //! What every paper example shares: its flags and how it reports.
 
+// Each example uses the part it needs.
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 
 use candle_sbp::data::ImageSet;
@@ -9,7 +12,7 @@ use candle_sbp::recipe::{PaperNet, Recipe};
 /// A training recipe of the paper examples (see `candle_sbp::recipe::Recipe`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecipeArg {
-    /// This crate's tuned recipe (LeNet5: 5 + 30 epochs, conv KL ×100 warmed up over 10;
+    /// This crate's tuned recipe (LeNet5: 5 + 30 epochs, conv KL ×50;
     /// LeNet-500-300: 20 + 50 epochs, KL ×2).
     Tuned,
     /// The paper's protocol, unchanged (200 SBP epochs).
@@ -86,7 +89,8 @@ pub struct Args {
     pub quiet: bool,
 }
 
-fn parse_kl_weight(s: &str) -> Result<(String, f64), String> {
+/// Parses `NAME=WEIGHT` (a finite, non-negative weight).
+pub fn parse_kl_weight(s: &str) -> Result<(String, f64), String> {
     let (name, w) = s
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=WEIGHT, got {s:?}"))?;
@@ -197,7 +201,6 @@ pub fn main_with(
 }
 
 /// The whole `main` of an MNIST example: parse the flags, read MNIST, run.
-#[allow(dead_code)] // vgg_cifar10 shares this module but reads CIFAR-10
 pub fn mnist_main(net: PaperNet, model: &ModelFn) -> anyhow::Result<()> {
     use anyhow::Context;
     use clap::Parser;
