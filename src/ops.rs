@@ -1131,6 +1131,96 @@ pub fn scale_units(x: &Tensor, s: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Selecting units.
+
+/// Keeps the units `idx` (axis 1) of a contiguous `(N, U, inner…)` input.
+#[derive(Debug, Clone)]
+struct SelectOp {
+    idx: std::sync::Arc<Vec<usize>>,
+    units: usize,
+    inner: usize,
+}
+
+fn select_forward<T: WithDType>(op: &SelectOp, x: &[T]) -> Result<Vec<T>> {
+    let (units, inner, k) = (op.units, op.inner, op.idx.len());
+    let batch = x.len() / (units * inner).max(1);
+    let mut out = Vec::with_capacity(batch * k * inner);
+    for row in x.chunks_exact(units * inner) {
+        if inner == 1 {
+            // Features of a flat input: a gather, not a copy per feature.
+            out.extend(op.idx.iter().map(|&j| row[j]));
+        } else {
+            for &j in op.idx.iter() {
+                out.extend_from_slice(&row[j * inner..(j + 1) * inner]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl CustomOp1 for SelectOp {
+    fn name(&self) -> &'static str {
+        "sbp-select-units"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (storage, _) = match s {
+            CpuStorage::F32(_) => {
+                let v = select_forward::<f32>(self, data(s, l)?)?;
+                (CpuStorage::F32(v), ())
+            }
+            CpuStorage::F64(_) => {
+                let v = select_forward::<f64>(self, data(s, l)?)?;
+                (CpuStorage::F64(v), ())
+            }
+            other => candle::bail!("ops: no CPU kernel for {:?}", other.dtype()),
+        };
+        let mut dims = l.dims().to_vec();
+        dims[1] = self.idx.len();
+        Ok((storage, Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !needs_grad(x) {
+            return Ok(None);
+        }
+        // Training through a selection is rare (fine-tuning a compressed network):
+        // candle's scatter-add is good enough.
+        let idx: Vec<u32> = self.idx.iter().map(|&j| j as u32).collect();
+        let idx = Tensor::from_vec(idx, self.idx.len(), x.device())?;
+        Ok(Some(x.zeros_like()?.index_add(&idx, grad, 1)?))
+    }
+}
+
+/// Keeps the units `indices` of `x` `(N, U, …)` along axis 1, in that order: the values of
+/// `x.index_select(indices, 1)`, in one copy per kept unit on the CPU (candle's CPU
+/// `index_select` goes element by element). `indices` is the same selection as a `u32`
+/// tensor, for the fallback on other devices. Compressed networks read their kept input
+/// features through it.
+pub fn select_units(x: &Tensor, indices: &[usize], index_tensor: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2
+        || indices.iter().any(|&j| j >= dims[1])
+        || index_tensor.elem_count() != indices.len()
+    {
+        candle::bail!(
+            "select_units: indices {:?}… do not fit input {:?} along axis 1",
+            &indices[..indices.len().min(4)],
+            dims
+        );
+    }
+    if !fast_path(&[x]) {
+        return x.index_select(index_tensor, 1);
+    }
+    let op = SelectOp {
+        idx: std::sync::Arc::new(indices.to_vec()),
+        units: dims[1],
+        inner: dims[2..].iter().product(),
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+// ---------------------------------------------------------------------------------------
 // Adam, in place.
 
 /// One Adam update's constants (bias corrections already applied).

@@ -203,6 +203,27 @@ proptest! {
         let reference = || x.as_tensor().broadcast_mul(&s.as_tensor().reshape(b_dims.as_slice()).unwrap()).unwrap();
         check(&[&x, &s], ours, reference, dtype, &format!("scale {dims:?} by {s_dims:?}"));
     }
+
+    #[test]
+    fn select_units_matches_index_select(
+        seed in 0u64..1_000_000,
+        batch in 1usize..6,
+        units in 1usize..12,
+        inner in prop::sample::select(vec![vec![], vec![3], vec![2, 5]]),
+        f64_ in any::<bool>(),
+    ) {
+        let dtype = if f64_ { DType::F64 } else { DType::F32 };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut dims = vec![batch, units];
+        dims.extend(&inner);
+        let x = Var::from_tensor(&random(&mut rng, &dims, dtype)).unwrap();
+        // Any order, repeats allowed, as index_select.
+        let picks: Vec<usize> = (0..rng.random_range(1..=units + 2)).map(|_| rng.random_range(0..units)).collect();
+        let idx = Tensor::from_vec(picks.iter().map(|&j| j as u32).collect::<Vec<_>>(), picks.len(), &Device::Cpu).unwrap();
+        let ours = || ops::select_units(x.as_tensor(), &picks, &idx).unwrap();
+        let reference = || x.as_tensor().index_select(&idx, 1).unwrap();
+        check(&[&x], ours, reference, dtype, &format!("select {picks:?} of {dims:?}"));
+    }
 }
 
 /// The image fed to the first layer is no variable: its gradient is neither returned nor
@@ -235,6 +256,12 @@ fn gradients_nothing_needs_are_skipped() {
 /// Shapes the kernels cannot take are typed errors, as candle's own ops give.
 #[test]
 fn bad_shapes_are_errors() {
+    let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    let idx = Tensor::new(&[1u32, 4], &Device::Cpu).unwrap();
+    assert!(
+        ops::select_units(&x, &[1, 4], &idx).is_err(),
+        "index 4 of 4 units"
+    );
     let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
     let w = Tensor::zeros((5, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
     assert!(

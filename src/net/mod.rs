@@ -650,7 +650,9 @@ impl Net {
                 sum
             }
             (Op::Concat, _) => Tensor::cat(ins, 1)?,
-            (Op::Select { .. }, NodeImpl::Indices(idx)) => x.index_select(idx, 1)?,
+            (Op::Select { indices }, NodeImpl::Indices(idx)) => {
+                crate::ops::select_units(x, indices, idx)?
+            }
             (Op::Scatter { .. }, NodeImpl::Indices(idx)) => {
                 let zeros = Tensor::zeros(self.shapes[i].dims(x.dim(0)?), x.dtype(), x.device())?;
                 zeros.index_add(idx, x, 1)?
