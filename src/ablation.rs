@@ -17,6 +17,9 @@
 //!     kl_weights: Default::default(),
 //!     kl_warmup_epochs: 0,
 //!     noise_units_after: vec![10, 20, 200, 180],
+//!     finetune_epochs: 0,
+//!     error_before_finetune: compressed_error,
+//!     finetune_history: vec![],
 //!     train_seconds: 600.0,
 //!     dense_error: 0.0070,
 //!     compressed_error,
@@ -117,6 +120,9 @@ impl Setting {
         }
         if r.kl_warmup_epochs > 0 {
             label += &format!(", KL warm-up {}", r.kl_warmup_epochs);
+        }
+        if r.finetune_epochs > 0 {
+            label += &format!(", fine-tune {}", r.finetune_epochs);
         }
         label
     }

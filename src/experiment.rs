@@ -42,6 +42,9 @@ pub struct ExperimentConfig {
     pub kl_weights: std::collections::BTreeMap<String, f64>,
     /// SBP epochs over which the KL term grows linearly from 0 to its full weight.
     pub kl_warmup_epochs: usize,
+    /// Epochs of plain training of the compressed network (no noise, no KL) at a tenth of
+    /// `lr`, decaying linearly to 0; 0 keeps the network as compression left it.
+    pub finetune_epochs: usize,
     /// Checkpoint directory (each phase in its own subfolder); resumes a run.
     pub checkpoint: Option<PathBuf>,
     /// Progress bars.
@@ -65,6 +68,7 @@ impl Default for ExperimentConfig {
             noise_lr: 0.05,
             kl_weights: Default::default(),
             kl_warmup_epochs: 0,
+            finetune_epochs: 0,
             checkpoint: None,
             progress: true,
             timed_batch: 100,
@@ -150,7 +154,6 @@ pub fn run(
         on_epoch("sbp", s);
         Ok(Flow::Continue)
     })?);
-    let train_seconds = start.elapsed().as_secs_f64();
 
     let noise_layers = net
         .noise_layers()
@@ -162,8 +165,26 @@ pub fn run(
         .iter()
         .map(|(_, l)| l.snr())
         .collect::<Result<Vec<_>>>()?;
-    let small = compress(&net, &CompressConfig::default())?;
-    let compressed_error = test_error(&small.net, test, 500)?;
+    let mut small = compress(&net, &CompressConfig::default())?;
+    let error_before_finetune = test_error(&small.net, test, 500)?;
+    let mut finetune_history = Vec::new();
+    let compressed_error = if config.finetune_epochs > 0 {
+        let finetune = FitConfig {
+            weights: adam(0.1 * config.lr),
+            constant_epochs: 0,
+            kl_weights: Default::default(),
+            kl_warmup_epochs: 0,
+            ..phase(config.finetune_epochs, 0.0, 0.0, "finetune")
+        };
+        finetune_history = fit(&mut small.net, train, &finetune, |_, s| {
+            on_epoch("finetune", s);
+            Ok(Flow::Continue)
+        })?;
+        test_error(&small.net, test, 500)?
+    } else {
+        error_before_finetune
+    };
+    let train_seconds = start.elapsed().as_secs_f64();
     let dense_vm = VarMap::new();
     let dense = model(
         None,
@@ -183,6 +204,9 @@ pub fn run(
         noise_lr: config.noise_lr,
         kl_weights: config.kl_weights.clone(),
         kl_warmup_epochs: config.kl_warmup_epochs,
+        finetune_epochs: config.finetune_epochs,
+        error_before_finetune,
+        finetune_history,
         noise_units_after: r.noise_layers.iter().map(|n| n.units_after).collect(),
         train_seconds,
         dense_error,

@@ -316,7 +316,17 @@ pub struct ExperimentReport {
     /// notation), in node order.
     #[serde(default)]
     pub noise_units_after: Vec<usize>,
-    /// Wall-clock seconds of training (both phases).
+    /// Epochs of plain training of the compressed network (0: none).
+    #[serde(default)]
+    pub finetune_epochs: usize,
+    /// Test error of the compressed network before that training (equal to
+    /// `compressed_error` without it).
+    #[serde(default)]
+    pub error_before_finetune: f64,
+    /// The fine-tuning epochs.
+    #[serde(default)]
+    pub finetune_history: Vec<crate::train::EpochStats>,
+    /// Wall-clock seconds of training (every phase).
     pub train_seconds: f64,
     /// Test error of the dense network after pretraining.
     pub dense_error: f64,

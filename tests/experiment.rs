@@ -59,18 +59,20 @@ fn short_lenet300_100_run_compresses() {
         epochs_pretrain: 1,
         epochs_sbp: 3,
         noise_lr: 0.1,
+        finetune_epochs: 1,
         progress: false,
         ..Default::default()
     };
-    let mut epochs = 0;
+    let mut phases = Vec::new();
     let outcome = run(
         &lenet_300_100,
         &head(&m.train, 3000),
         &head(&m.test, 2000),
         &config,
-        |_, _| epochs += 1,
+        |phase, _| phases.push(phase.to_string()),
     )
     .unwrap();
+    assert_eq!(phases, ["pretrain", "sbp", "sbp", "sbp", "finetune"]);
     let (report, small) = (&outcome.report, &outcome.compressed);
     let png = tempfile::tempdir().unwrap();
     let plot = png.path().join("run.png");
@@ -90,8 +92,12 @@ fn short_lenet300_100_run_compresses() {
             report.speedup_measured
         )
     );
-    assert_eq!(epochs, 4);
     check_json(report);
+    // The fine-tuning trained the compressed network, not its structure.
+    assert_eq!(report.finetune_history.len(), 1);
+    assert_eq!(report.history.len(), 4);
+    assert!(report.error_before_finetune > 0.0 && report.error_before_finetune < 0.3);
+    assert_eq!(small.report.macs_after, report.macs_after);
     assert_eq!(report.units_before, [1, 300, 100, 10]);
     assert!(
         report.macs_after * 2 < report.macs_before,
@@ -134,12 +140,14 @@ fn short_vgg_run_reports() {
 }
 
 /// The examples' default recipes, shortened (1 + 4 epochs, 10,000 training images) but
-/// otherwise as `lenet5_mnist` and `lenet500_300_mnist` run them by default.
-fn short_tuned_run(net: PaperNet, model: &candle_sbp::experiment::ModelFn) -> ExperimentReport {
-    let Some(dir) = common::real_data("mnist") else {
-        panic!("unreachable: the caller checked the data");
-    };
-    let m = mnist::load(dir).unwrap();
+/// otherwise as `lenet5_mnist` and `lenet500_300_mnist` run them by default; checks what
+/// every such run must show (a complete report, half the MACs gone, a working network).
+/// `None` without the data.
+fn short_tuned_run(
+    net: PaperNet,
+    model: &candle_sbp::experiment::ModelFn,
+) -> Option<ExperimentReport> {
+    let m = mnist::load(common::real_data("mnist")?).unwrap();
     let tuned = Recipe::Tuned.config(net);
     let config = ExperimentConfig {
         epochs_pretrain: 1,
@@ -148,7 +156,7 @@ fn short_tuned_run(net: PaperNet, model: &candle_sbp::experiment::ModelFn) -> Ex
         progress: false,
         ..tuned
     };
-    run(
+    let report = run(
         model,
         &head(&m.train, 10_000),
         &head(&m.test, 1000),
@@ -156,26 +164,10 @@ fn short_tuned_run(net: PaperNet, model: &candle_sbp::experiment::ModelFn) -> Ex
         |_, _| {},
     )
     .unwrap()
-    .report
-}
-
-#[test]
-fn short_form_of_the_tuned_lenet5_recipe() {
-    if common::real_data("mnist").is_none() {
-        return;
-    }
-    let report = short_tuned_run(PaperNet::LeNet5Caffe, &lenet5_caffe);
-    check_json(&report);
+    .report;
     println!("{report:?}");
-    assert_eq!(report.model, "lenet5_mnist");
-    assert_eq!(report.kl_weights.get("sbp1"), Some(&50.0));
-    assert_eq!(report.units_before, [1, 20, 50, 500, 10]);
-    // The weighted conv layers lose channels, and with them most of the MACs.
-    assert!(
-        report.units_after[1] < 20 && report.units_after[2] < 50,
-        "{:?}",
-        report.units_after
-    );
+    check_json(&report);
+    assert_eq!(report.model, net.name());
     assert!(
         report.macs_after * 2 < report.macs_before,
         "{:?}",
@@ -186,16 +178,29 @@ fn short_form_of_the_tuned_lenet5_recipe() {
         "{}",
         report.compressed_error
     );
+    Some(report)
+}
+
+#[test]
+fn short_form_of_the_tuned_lenet5_recipe() {
+    let Some(report) = short_tuned_run(PaperNet::LeNet5Caffe, &lenet5_caffe) else {
+        return;
+    };
+    assert_eq!(report.kl_weights.get("sbp1"), Some(&100.0));
+    assert_eq!(report.units_before, [1, 20, 50, 500, 10]);
+    // The weighted conv layers lose channels, and with them most of the MACs.
+    assert!(
+        report.units_after[1] < 20 && report.units_after[2] < 50,
+        "{:?}",
+        report.units_after
+    );
 }
 
 #[test]
 fn short_form_of_the_tuned_lenet500_300_recipe() {
-    if common::real_data("mnist").is_none() {
+    let Some(report) = short_tuned_run(PaperNet::LeNet500_300, &lenet_500_300) else {
         return;
-    }
-    let report = short_tuned_run(PaperNet::LeNet500_300, &lenet_500_300);
-    check_json(&report);
-    println!("{report:?}");
+    };
     assert_eq!(report.kl_weights.get("sbp0"), Some(&2.0));
     assert_eq!(report.units_before, [1, 500, 300, 10]);
     assert!(
@@ -209,14 +214,4 @@ fn short_form_of_the_tuned_lenet500_300_recipe() {
         + report.units_after[1] * report.units_after[2]
         + report.units_after[2] * 10;
     assert!(report.params_after < hidden_only, "{}", report.params_after);
-    assert!(
-        report.macs_after * 2 < report.macs_before,
-        "{:?}",
-        report.units_after
-    );
-    assert!(
-        report.compressed_error < 0.15,
-        "{}",
-        report.compressed_error
-    );
 }

@@ -38,6 +38,21 @@ fn gradient_tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// A random `(batch, units, inner…)` input variable of the proptests' dtype, with the
+/// generator that drew it (for the op's other operands) and its dims.
+fn unit_input(
+    seed: u64,
+    (batch, units, inner): (usize, usize, &[usize]),
+    f64_: bool,
+) -> (DType, StdRng, Vec<usize>, Var) {
+    let dtype = if f64_ { DType::F64 } else { DType::F32 };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut dims = vec![batch, units];
+    dims.extend(inner);
+    let x = Var::from_tensor(&random(&mut rng, &dims, dtype)).unwrap();
+    (dtype, rng, dims, x)
+}
+
 /// `Σ y·r` for a fixed random `r`: a loss whose gradient with respect to `y` is `r`.
 fn probe(y: &Tensor, seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -187,11 +202,7 @@ proptest! {
         per_example in any::<bool>(),
         f64_ in any::<bool>(),
     ) {
-        let dtype = if f64_ { DType::F64 } else { DType::F32 };
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut dims = vec![batch, units];
-        dims.extend(&inner);
-        let x = Var::from_tensor(&random(&mut rng, &dims, dtype)).unwrap();
+        let (dtype, mut rng, dims, x) = unit_input(seed, (batch, units, &inner), f64_);
         let s_dims = if per_example { vec![batch, units] } else { vec![units] };
         let s = Var::from_tensor(&random(&mut rng, &s_dims, dtype)).unwrap();
         let mut b_dims = vec![1usize; dims.len()];
@@ -212,11 +223,7 @@ proptest! {
         inner in prop::sample::select(vec![vec![], vec![3], vec![2, 5]]),
         f64_ in any::<bool>(),
     ) {
-        let dtype = if f64_ { DType::F64 } else { DType::F32 };
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut dims = vec![batch, units];
-        dims.extend(&inner);
-        let x = Var::from_tensor(&random(&mut rng, &dims, dtype)).unwrap();
+        let (dtype, mut rng, dims, x) = unit_input(seed, (batch, units, &inner), f64_);
         // Any order, repeats allowed, as index_select.
         let picks: Vec<usize> = (0..rng.random_range(1..=units + 2)).map(|_| rng.random_range(0..units)).collect();
         let idx = Tensor::from_vec(picks.iter().map(|&j| j as u32).collect::<Vec<_>>(), picks.len(), &Device::Cpu).unwrap();
