@@ -40,9 +40,9 @@ struct Args {
     #[arg(long, default_value_t = 0.05)]
     noise_lr: f64,
     /// Weight of one SBP noise layer's KL term, as NAME=WEIGHT (repeatable; 1 where
-    /// absent). The tuned LeNet5 recipe weights its conv layers ×100 for the
-    /// full training set; the KL is divided by the number of training images, so scale the
-    /// weight with them (×33 for `--train-limit 20000`).
+    /// absent). The KL is divided by the number of training images, so a weight
+    /// tuned on the full training set scales with them (the tuned LeNet5 recipe's ×100 is
+    /// ×33 with `--train-limit 20000`).
     #[arg(long = "kl-weight", value_parser = common::parse_kl_weight)]
     kl_weights: Vec<(String, f64)>,
     /// Training images used (0: all but the validation split).
