@@ -41,8 +41,8 @@ struct Args {
     noise_lr: f64,
     /// Weight of one SBP noise layer's KL term, as NAME=WEIGHT (repeatable; 1 where
     /// absent). The KL is divided by the number of training images, so a weight
-    /// tuned on the full training set scales with them (the tuned LeNet5 recipe's ×100 is
-    /// ×33 with `--train-limit 20000`).
+    /// tuned on the full training set scales with them (×100 on all of MNIST is ×33 with
+    /// `--train-limit 20000`).
     #[arg(long = "kl-weight", value_parser = common::parse_kl_weight)]
     kl_weights: Vec<(String, f64)>,
     /// Training images used (0: all but the validation split).

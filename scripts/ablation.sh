@@ -35,7 +35,7 @@ if [[ ${1:-} != --table ]]; then
     for s in 0 1; do
         run l5_kl30_s$s lenet5_mnist --kl-weight sbp1=30 --kl-weight sbp2=30 --kl-warmup 0 --seed $s
     done
-    for s in 0 1; do
+    for s in 0 1 2; do
         run l5_kl50_s$s lenet5_mnist --kl-weight sbp1=50 --kl-weight sbp2=50 --kl-warmup 0 --seed $s
     done
     for s in 0 1 2; do
@@ -55,7 +55,7 @@ fi
 
 # The table, in the order of the ablation (settings without a report yet are left out).
 reports=()
-for name in l5_paper30_s0 l5_plain_s0 l5_kl30_s0 l5_kl30_s1 l5_kl50_s0 l5_kl50_s1 \
+for name in l5_paper30_s0 l5_plain_s0 l5_kl30_s0 l5_kl30_s1 l5_kl50_s0 l5_kl50_s1 l5_kl50_s2 \
     l5_kl100_s0 l5_kl100_s1 l5_kl100_s2 l5_kl100w10_s1 l5_quick_s0 \
     mlp_paper50_s0 mlp_plain_s0 mlp_kl2_s0 mlp_kl2_s1 mlp_kl2_s2 mlp_quick_s0; do
     if [[ -f $runs/$name.json ]]; then

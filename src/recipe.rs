@@ -8,7 +8,7 @@
 //!
 //! let config = Recipe::Tuned.config(PaperNet::LeNet5Caffe);
 //! assert_eq!(config.epochs_sbp, 30);
-//! assert_eq!(config.kl_weights["sbp1"], 100.0);
+//! assert_eq!(config.kl_weights["sbp1"], 50.0);
 //! // The paper's protocol: 200 SBP epochs, noise at the weights' learning rate.
 //! let paper = Recipe::Paper.config(PaperNet::LeNet5Caffe);
 //! assert_eq!((paper.epochs_sbp, paper.noise_lr), (200, paper.lr));
@@ -56,7 +56,7 @@ impl PaperNet {
 pub enum Recipe {
     /// The recipe of this crate's ablation (README, "Training recipe"): the noise learns at
     /// 50× the weights' rate, and the KL terms are weighted where the MACs are. LeNet5: 5
-    /// dense and 30 SBP epochs, the two conv layers' KL ×100.
+    /// dense and 30 SBP epochs, the two conv layers' KL ×50.
     /// LeNet-500-300 and LeNet-300-100: 20 dense and 50 SBP epochs, every KL ×2. The
     /// VGG-like network has not been tuned (no GPU here): it gets the quick recipe.
     #[default]
@@ -100,7 +100,7 @@ impl Recipe {
                 epochs_pretrain: pretrain,
                 epochs_sbp: 30,
                 noise_lr: 0.05,
-                kl_weights: weights(&["sbp1", "sbp2"], 100.0),
+                kl_weights: weights(&["sbp1", "sbp2"], 50.0),
                 ..base
             },
             (Self::Tuned, PaperNet::LeNet500_300 | PaperNet::LeNet300_100) => ExperimentConfig {

@@ -186,7 +186,7 @@ fn short_form_of_the_tuned_lenet5_recipe() {
     let Some(report) = short_tuned_run(PaperNet::LeNet5Caffe, &lenet5_caffe) else {
         return;
     };
-    assert_eq!(report.kl_weights.get("sbp1"), Some(&100.0));
+    assert_eq!(report.kl_weights.get("sbp1"), Some(&50.0));
     assert_eq!(report.units_before, [1, 20, 50, 500, 10]);
     // The weighted conv layers lose channels, and with them most of the MACs.
     assert!(

@@ -12,7 +12,7 @@ use candle_sbp::recipe::{PaperNet, Recipe};
 /// A training recipe of the paper examples (see `candle_sbp::recipe::Recipe`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecipeArg {
-    /// This crate's tuned recipe (LeNet5: 5 + 30 epochs, conv KL ×100;
+    /// This crate's tuned recipe (LeNet5: 5 + 30 epochs, conv KL ×50;
     /// LeNet-500-300: 20 + 50 epochs, KL ×2).
     Tuned,
     /// The paper's protocol, unchanged (200 SBP epochs).
