@@ -16,6 +16,7 @@
 //! exactly `g_μ` and `g_σ`. This needs only standard tensor ops, so it runs on every device
 //! candle supports.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle::{DType, Device, Tensor};
@@ -164,16 +165,37 @@ pub struct LogNormalDropout {
     /// The KL terms computed alongside the last shared draw, for the parameters they were
     /// computed at: the loss of the same step then reuses them.
     kl_cache: Arc<Mutex<Option<KlCache>>>,
+    /// Whether [`kl`](Self::kl) ran since the last draw: only then does the next draw
+    /// compute the KL too (dense pretraining, with no KL term, never pays for it).
+    kl_in_use: Arc<AtomicBool>,
 }
 
-/// The KL and its gradients per unit at the parameters `mu`, `log_sigma` (host copies).
+/// Per unit: the KL and its (clamp-gated) gradients.
+#[derive(Debug, Default)]
+struct KlTerms {
+    kl: Vec<f64>,
+    g_mu: Vec<f64>,
+    g_ls: Vec<f64>,
+}
+
+impl FromIterator<(f64, (f64, f64))> for KlTerms {
+    fn from_iter<I: IntoIterator<Item = (f64, (f64, f64))>>(iter: I) -> Self {
+        let mut t = KlTerms::default();
+        for (kl, (g_mu, g_ls)) in iter {
+            t.kl.push(kl);
+            t.g_mu.push(g_mu);
+            t.g_ls.push(g_ls);
+        }
+        t
+    }
+}
+
+/// [`KlTerms`] at the parameters `mu`, `log_sigma` (host copies).
 #[derive(Debug)]
 struct KlCache {
     mu: Vec<f64>,
     log_sigma: Vec<f64>,
-    kl: Vec<f64>,
-    g_mu: Vec<f64>,
-    g_ls: Vec<f64>,
+    terms: KlTerms,
 }
 
 /// Creates a [`LogNormalDropout`] over `units` units with its parameters `mu` and
@@ -243,6 +265,7 @@ impl LogNormalDropout {
             name,
             rng,
             kl_cache: Arc::default(),
+            kl_in_use: Arc::default(),
         })
     }
 
@@ -310,46 +333,38 @@ impl LogNormalDropout {
     /// The layer's KL summed over units: a scalar tensor differentiable in `μ` and `log σ`.
     /// The training objective is `cross-entropy + Σ_layers kl() / N_train`.
     pub fn kl(&self) -> Result<Tensor> {
+        self.kl_in_use.store(true, Ordering::Relaxed);
         let (mu, log_sigma) = self.host_params()?;
-        let cached = {
-            let mut cache = self.kl_cache.lock().unwrap_or_else(|e| e.into_inner());
-            match cache.take() {
-                Some(c) if c.mu == mu && c.log_sigma == log_sigma => Some(c),
-                _ => None,
-            }
-        };
-        let terms: Vec<(f64, (f64, f64))> = match cached {
-            Some(c) => {
-                c.kl.into_iter()
-                    .zip(c.g_mu.into_iter().zip(c.g_ls))
-                    .collect()
-            }
+        let cached = self
+            .kl_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|c| c.mu == mu && c.log_sigma == log_sigma);
+        let terms = match cached {
+            Some(c) => c.terms,
             None => self
                 .clamp(&mu, &log_sigma)?
-                .par_chunks(PAR_UNITS)
-                .flat_map_iter(|chunk| {
-                    chunk.iter().map(|p| {
-                        let g = p.dist.kl_grad();
-                        (p.dist.kl(), p.gate(g.d_mu, g.d_log_sigma))
-                    })
+                .par_iter()
+                .with_min_len(PAR_UNITS)
+                .map(|p| {
+                    let g = p.dist.kl_grad();
+                    (p.dist.kl(), p.gate(g.d_mu, g.d_log_sigma))
                 })
+                .collect::<Vec<_>>()
+                .into_iter()
                 .collect(),
         };
         // Summed in unit order, so the total does not depend on the thread count.
-        let total: f64 = terms.iter().map(|t| t.0).sum();
-        let (g_mu, g_ls): (Vec<f64>, Vec<f64>) = terms.into_iter().map(|t| t.1).unzip();
+        let total: f64 = terms.kl.iter().sum();
         // On the CPU, one op; elsewhere, a candle expression with the same value and gradient.
-        let fused = crate::ops::surrogate_scalar(
-            &self.mu,
-            &self.log_sigma,
-            total,
-            g_mu.clone(),
-            g_ls.clone(),
-        )?;
-        if let Some(kl) = fused {
-            return Ok(kl);
+        if crate::ops::surrogate_applies(&self.mu, &self.log_sigma) {
+            let params = (&self.mu, &self.log_sigma);
+            return Ok(crate::ops::surrogate_scalar(
+                params, total, terms.g_mu, terms.g_ls,
+            )?);
         }
-        let lin = self.linearised(1, &g_mu, &g_ls)?.sum_all()?;
+        let lin = self.linearised(1, &terms.g_mu, &terms.g_ls)?.sum_all()?;
         let value = Tensor::new(total, self.mu.device())?.to_dtype(self.mu.dtype())?;
         Ok(lin.add(&value)?)
     }
@@ -447,49 +462,33 @@ impl LogNormalDropout {
             let mut rng = self.lock_rng();
             (0..n).map(|_| open_unit(&mut rng)).collect()
         };
-        let (mut value, mut g_mu, mut g_ls) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        // With one draw per unit, the KL of the step's loss comes from the same windows.
-        let with_kl = rows == 1;
-        let kl_len = if with_kl { n } else { 0 };
-        let (mut kl, mut k_mu, mut k_ls) =
-            (vec![0.0; kl_len], vec![0.0; kl_len], vec![0.0; kl_len]);
-        // One `Some` per chunk of units with the KL, `None`s without it.
-        let mut kl_chunks: Vec<_> = kl
-            .chunks_mut(PAR_UNITS)
-            .zip(k_mu.chunks_mut(PAR_UNITS).zip(k_ls.chunks_mut(PAR_UNITS)))
-            .map(Some)
-            .collect();
-        kl_chunks.resize_with(n.div_ceil(PAR_UNITS), || None);
-        value
-            .par_chunks_mut(PAR_UNITS)
-            .zip(g_mu.par_chunks_mut(PAR_UNITS))
-            .zip(g_ls.par_chunks_mut(PAR_UNITS))
-            .zip(kl_chunks.into_par_iter())
-            .enumerate()
-            .for_each(|(c, (((value, g_mu), g_ls), mut kl))| {
-                for (j, ((v, gm), gl)) in value.iter_mut().zip(g_mu).zip(g_ls).enumerate() {
-                    let k = c * PAR_UNITS + j;
-                    let p = &params[k % units];
-                    let s = match &mut kl {
-                        Some((kl, (k_mu, k_ls))) => {
-                            let (s, value, g) = p.dist.sample_and_kl_unchecked(uniforms[k]);
-                            kl[j] = value;
-                            (k_mu[j], k_ls[j]) = p.gate(g.d_mu, g.d_log_sigma);
-                            s
-                        }
-                        None => p.dist.sample_unchecked(uniforms[k]),
-                    };
-                    *v = s.log_theta;
-                    (*gm, *gl) = p.gate(s.d_mu, s.d_log_sigma);
+        // With one draw per unit, the KL of the step's loss comes from the same windows
+        // (when the previous step had a KL term).
+        let with_kl = rows == 1 && self.kl_in_use.swap(false, Ordering::Relaxed);
+        let per_unit: Vec<_> = (0..n)
+            .into_par_iter()
+            .with_min_len(PAR_UNITS)
+            .map(|k| {
+                let p = &params[k % units];
+                if with_kl {
+                    let (s, kl, g) = p.dist.sample_and_kl_unchecked(uniforms[k]);
+                    (s, Some((kl, p.gate(g.d_mu, g.d_log_sigma))))
+                } else {
+                    (p.dist.sample_unchecked(uniforms[k]), None)
                 }
-            });
+            })
+            .collect();
+        let (mut value, mut g_mu, mut g_ls) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        for (k, (s, _)) in per_unit.iter().enumerate() {
+            value[k] = s.log_theta;
+            (g_mu[k], g_ls[k]) = params[k % units].gate(s.d_mu, s.d_log_sigma);
+        }
         if with_kl {
+            let terms = per_unit.into_iter().filter_map(|(_, kl)| kl).collect();
             *self.kl_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(KlCache {
                 mu,
                 log_sigma,
-                kl,
-                g_mu: k_mu,
-                g_ls: k_ls,
+                terms,
             });
         }
         Ok((value, g_mu, g_ls, rows))

@@ -1605,26 +1605,30 @@ impl CustomOp2 for SurrogateOp {
     }
 }
 
-/// The scalar `value` with gradients `g_mu`, `g_log_sigma`, or `None` off the CPU.
+/// Whether [`surrogate_scalar`] has a kernel for these parameters (CPU, f32/f64).
+pub(crate) fn surrogate_applies(mu: &Tensor, log_sigma: &Tensor) -> bool {
+    fast_path(&[mu, log_sigma])
+}
+
+/// The scalar `value` with gradients `g_mu`, `g_log_sigma` with respect to `(μ, log σ)`.
 pub(crate) fn surrogate_scalar(
-    mu: &Tensor,
-    log_sigma: &Tensor,
+    (mu, log_sigma): (&Tensor, &Tensor),
     value: f64,
     g_mu: Vec<f64>,
     g_log_sigma: Vec<f64>,
-) -> Result<Option<Tensor>> {
-    if !fast_path(&[mu, log_sigma])
+) -> Result<Tensor> {
+    if !surrogate_applies(mu, log_sigma)
         || g_mu.len() != mu.elem_count()
         || g_log_sigma.len() != log_sigma.elem_count()
     {
-        return Ok(None);
+        candle::bail!("surrogate: no kernel for parameters {:?}", mu.dims());
     }
     let op = SurrogateOp {
         value,
         g_mu: std::sync::Arc::new(g_mu),
         g_log_sigma: std::sync::Arc::new(g_log_sigma),
     };
-    Ok(Some(mu.apply_op2(log_sigma, op)?))
+    mu.apply_op2(log_sigma, op)
 }
 
 // ---------------------------------------------------------------------------------------
