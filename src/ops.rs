@@ -814,6 +814,105 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Adding a bias.
+
+/// `y + b` for `y` `(N, O)` and `b` `(O,)` as a custom op: one pass forward; backward,
+/// `y`'s gradient passed on as it is and `b`'s summed over the rows, where candle's
+/// `broadcast_add` reduces over a strided axis one element at a time.
+#[derive(Debug, Clone, Copy)]
+struct BiasAddOp {
+    rows: usize,
+    cols: usize,
+}
+
+fn bias_add_forward<T: WithDType>(op: &BiasAddOp, y: &[T], b: &[T]) -> Result<Vec<T>> {
+    let mut out = y.to_vec();
+    for row in out.chunks_mut(op.cols.max(1)) {
+        row.iter_mut().zip(b).for_each(|(v, &bias)| *v += bias);
+    }
+    Ok(out)
+}
+
+/// Column sums of a contiguous `(rows, cols)` gradient.
+fn column_sums<T: WithDType>(op: &BiasAddOp, grad: &[T], _b: &[T]) -> Result<Vec<T>> {
+    let mut db = vec![T::zero(); op.cols];
+    for row in grad.chunks(op.cols.max(1)) {
+        db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+    }
+    Ok(db)
+}
+
+/// The column sums of `grad` as a custom op over `(grad, b)` (b only names the dtype).
+#[derive(Debug, Clone, Copy)]
+struct ColumnSumOp(BiasAddOp);
+
+impl CustomOp2 for ColumnSumOp {
+    fn name(&self) -> &'static str {
+        "sbp-column-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, _) = cpu_dispatch!(s1, column_sums(&self.0, data(s1, l1)?, data(s2, l2)?));
+        Ok((out, Shape::from(self.0.cols)))
+    }
+}
+
+impl CustomOp2 for BiasAddOp {
+    fn name(&self) -> &'static str {
+        "sbp-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, _) = cpu_dispatch!(s1, bias_add_forward(self, data(s1, l1)?, data(s2, l2)?));
+        Ok((out, Shape::from((self.rows, self.cols))))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = if needs_grad(b) {
+            Some(
+                grad.contiguous()?
+                    .apply_op2_no_bwd(b, &ColumnSumOp(*self))?,
+            )
+        } else {
+            None
+        };
+        Ok((Some(grad.clone()), db))
+    }
+}
+
+/// `y + b` for `y` `(N, O)` and `b` `(O,)`: one op on the CPU (f32/f64), candle's
+/// `broadcast_add` elsewhere.
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fits = y.rank() == 2 && b.dims() == [y.dim(1)?];
+    if !fits || !fast_path(&[y, b]) {
+        return y.broadcast_add(b);
+    }
+    let op = BiasAddOp {
+        rows: y.dim(0)?,
+        cols: y.dim(1)?,
+    };
+    y.contiguous()?.apply_op2(&b.contiguous()?, op)
+}
+
+// ---------------------------------------------------------------------------------------
 // Max-pooling.
 
 #[derive(Debug, Clone, Copy)]
@@ -958,13 +1057,54 @@ struct ScaleGeometry {
 }
 
 impl ScaleGeometry {
-    fn factor<T: WithDType>(&self, s: &[T], n: usize, u: usize) -> T {
+    /// The factors of example `n`: one per unit.
+    fn factors<'a, T>(&self, s: &'a [T], n: usize) -> &'a [T] {
         if self.per_example {
-            s[n * self.units + u]
+            &s[n * self.units..(n + 1) * self.units]
         } else {
-            s[u]
+            &s[..self.units]
         }
     }
+
+    /// Values per example.
+    fn per(&self) -> usize {
+        self.units * self.inner
+    }
+}
+
+/// Below this many values an element-wise pass runs on the calling thread: handing work
+/// to the pool and waiting for it costs tens of microseconds, more than such a pass.
+const PAR_MIN_VALUES: usize = 1 << 17;
+
+/// `f(n, row)` for the rows of `out` (`row_len` values each), in parallel where `out` is
+/// large enough to pay for it.
+fn for_each_row<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let row_len = row_len.max(1);
+    if out.len() >= PAR_MIN_VALUES && threads() > 1 {
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(n, r)| f(n, r));
+    } else {
+        out.chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(n, r)| f(n, r));
+    }
+}
+
+/// `max(v, 0)` where `relu`, else `v`.
+#[inline(always)]
+fn relu_if<T: WithDType>(relu: bool, v: T) -> T {
+    if relu && v < T::zero() {
+        T::zero()
+    } else {
+        v
+    }
+}
+
+/// Whether gradient passes at input `x`: everywhere, or where `x > 0` with a ReLU fused in.
+#[inline(always)]
+fn live<T: WithDType>(relu: bool, x: T) -> bool {
+    !relu || x > T::zero()
 }
 
 /// `y = x · s` along axis 1, as a custom op over `(x, s)`.
@@ -972,26 +1112,52 @@ impl ScaleGeometry {
 struct ScaleOp(ScaleGeometry);
 
 fn scale_forward<T: WithDType>(g: &ScaleGeometry, x: &[T], s: &[T]) -> Result<Vec<T>> {
-    let per = g.units * g.inner;
+    let per = g.per();
     let mut y = vec![T::zero(); g.batch * per];
-    y.par_chunks_mut(per.max(1))
-        .enumerate()
-        .for_each(|(n, yn)| {
-            for (u, row) in yn.chunks_mut(g.inner.max(1)).enumerate() {
-                let f = g.factor(s, n, u);
-                let xr = &x[n * per + u * g.inner..n * per + (u + 1) * g.inner];
-                if g.relu {
-                    row.iter_mut().zip(xr).for_each(|(y, &x)| {
-                        let v = x * f;
-                        *y = if v < T::zero() { T::zero() } else { v };
-                    });
-                } else {
-                    row.iter_mut().zip(xr).for_each(|(y, &x)| *y = x * f);
-                }
+    for_each_row(&mut y, per, |n, yn| {
+        let (xn, fs) = (&x[n * per..(n + 1) * per], g.factors(s, n));
+        if g.inner == 1 {
+            // Vectors (the MLPs): one straight pass over the row.
+            for ((y, &x), &f) in yn.iter_mut().zip(xn).zip(fs) {
+                *y = relu_if(g.relu, x * f);
             }
-        });
+            return;
+        }
+        for ((yr, xr), &f) in yn.chunks_mut(g.inner).zip(xn.chunks(g.inner)).zip(fs) {
+            for (y, &x) in yr.iter_mut().zip(xr) {
+                *y = relu_if(g.relu, x * f);
+            }
+        }
+    });
     Ok(y)
 }
+
+/// Adds `Σ_i x·grad` over the inner positions of one example's row to `acc` (one value per
+/// unit), counting only positions where `x > 0` when a ReLU is fused in.
+fn accumulate_ds<T: WithDType>(g: &ScaleGeometry, acc: &mut [T], x: &[T], grad: &[T]) {
+    let term = |x: T, gv: T| if live(g.relu, x) { x * gv } else { T::zero() };
+    if g.inner == 1 {
+        for ((a, &x), &gv) in acc.iter_mut().zip(x).zip(grad) {
+            *a += term(x, gv);
+        }
+        return;
+    }
+    for ((a, xr), gr) in acc
+        .iter_mut()
+        .zip(x.chunks(g.inner))
+        .zip(grad.chunks(g.inner))
+    {
+        *a += xr
+            .iter()
+            .zip(gr)
+            .fold(T::zero(), |s, (&x, &gv)| s + term(x, gv));
+    }
+}
+
+/// Values per block of rows whose `ds` is summed on its own before the blocks are added
+/// in order: the block layout depends on the shapes only, so the sum is the same on any
+/// number of threads.
+const DS_BLOCK_VALUES: usize = 1 << 15;
 
 /// `[ds (s's size, if wanted), dx (x's size, if wanted)]` in one buffer. With the ReLU
 /// fused in, only positions where `x > 0` pass gradient (the factors are positive).
@@ -1002,56 +1168,56 @@ fn scale_backward<T: WithDType>(
     s: &[T],
     grad: &[T],
 ) -> Result<Vec<T>> {
-    let per = g.units * g.inner;
+    let per = g.per();
     let s_len = if g.per_example {
         g.batch * g.units
     } else {
         g.units
     };
-    let live = |x: T| !g.relu || x > T::zero();
     let mut out = vec![T::zero(); if want_ds { s_len } else { 0 }];
-    if want_ds {
-        // Σ over the inner positions (and over the batch for a shared scale).
-        let per_row: Vec<Vec<T>> = (0..g.batch)
-            .into_par_iter()
-            .map(|n| {
-                (0..g.units)
-                    .map(|u| {
-                        let at = n * per + u * g.inner;
-                        x[at..at + g.inner]
-                            .iter()
-                            .zip(&grad[at..at + g.inner])
-                            .filter(|(&x, _)| live(x))
-                            .fold(T::zero(), |a, (&x, &g)| a + x * g)
-                    })
-                    .collect()
-            })
-            .collect();
-        for (n, row) in per_row.into_iter().enumerate() {
-            let dst = if g.per_example {
-                &mut out[n * g.units..(n + 1) * g.units]
-            } else {
-                &mut out[..]
-            };
-            dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+    let row = |n: usize| n * per..(n + 1) * per;
+    if want_ds && g.per_example {
+        for_each_row(&mut out, g.units, |n, dn| {
+            accumulate_ds(g, dn, &x[row(n)], &grad[row(n)])
+        });
+    } else if want_ds {
+        let rows_per_block = (DS_BLOCK_VALUES / per.max(1)).max(1);
+        let block = |b: usize| {
+            let mut acc = vec![T::zero(); g.units];
+            for n in b * rows_per_block..((b + 1) * rows_per_block).min(g.batch) {
+                accumulate_ds(g, &mut acc, &x[row(n)], &grad[row(n)]);
+            }
+            acc
+        };
+        let blocks = g.batch.div_ceil(rows_per_block);
+        let partial: Vec<Vec<T>> = if x.len() >= PAR_MIN_VALUES && threads() > 1 {
+            (0..blocks).into_par_iter().map(block).collect()
+        } else {
+            (0..blocks).map(block).collect()
+        };
+        for p in partial {
+            out.iter_mut().zip(p).for_each(|(d, v)| *d += v);
         }
     }
     if want_dx {
         let start = out.len();
         out.resize(start + g.batch * per, T::zero());
-        out[start..]
-            .par_chunks_mut(per.max(1))
-            .enumerate()
-            .for_each(|(n, dn)| {
-                for (u, row) in dn.chunks_mut(g.inner.max(1)).enumerate() {
-                    let f = g.factor(s, n, u);
-                    let at = n * per + u * g.inner;
-                    let (xr, gr) = (&x[at..at + g.inner], &grad[at..at + g.inner]);
-                    for ((d, &x), &gv) in row.iter_mut().zip(xr).zip(gr) {
-                        *d = if live(x) { gv * f } else { T::zero() };
-                    }
+        for_each_row(&mut out[start..], per, |n, dn| {
+            let (xn, gn, fs) = (&x[row(n)], &grad[row(n)], g.factors(s, n));
+            let pass = |x: T, gv: T, f: T| if live(g.relu, x) { gv * f } else { T::zero() };
+            if g.inner == 1 {
+                for (((d, &x), &gv), &f) in dn.iter_mut().zip(xn).zip(gn).zip(fs) {
+                    *d = pass(x, gv, f);
                 }
-            });
+                return;
+            }
+            let rows = dn.chunks_mut(g.inner).zip(xn.chunks(g.inner));
+            for (((dr, xr), gr), &f) in rows.zip(gn.chunks(g.inner)).zip(fs) {
+                for ((d, &x), &gv) in dr.iter_mut().zip(xr).zip(gr) {
+                    *d = pass(x, gv, f);
+                }
+            }
+        });
     }
     Ok(out)
 }
@@ -1325,19 +1491,24 @@ macro_rules! adam_kernel {
             let (b2, c2) = (s.beta2 as $t, (1.0 - s.beta2) as $t);
             let (decay, size) = (s.decay as $t, s.step_size as $t);
             let (scale, eps) = (s.v_scale as $t, s.eps as $t);
+            let update = |((p, g), (m, v)): ((&mut [$t], &[$t]), (&mut [$t], &mut [$t]))| {
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                    *m = b1 * *m + c1 * g;
+                    *v = b2 * *v + c2 * g * g;
+                    *p = decay * *p - size * *m / (v.sqrt() * scale + eps);
+                }
+            };
+            if p.len() < PAR_MIN_VALUES || threads() == 1 {
+                // Biases and noise parameters: the pool would cost more than the pass.
+                return update(((p, g), (m, v)));
+            }
             p.par_chunks_mut(ADAM_CHUNK)
                 .zip(g.par_chunks(ADAM_CHUNK))
                 .zip(
                     m.par_chunks_mut(ADAM_CHUNK)
                         .zip(v.par_chunks_mut(ADAM_CHUNK)),
                 )
-                .for_each(|((p, g), (m, v))| {
-                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                        *m = b1 * *m + c1 * g;
-                        *v = b2 * *v + c2 * g * g;
-                        *p = decay * *p - size * *m / (v.sqrt() * scale + eps);
-                    }
-                });
+                .for_each(update);
         }
     };
 }
@@ -1681,9 +1852,11 @@ fn noise_linear_backward<T: WithDType>(
     )?;
     let theta: Vec<T> = theta.iter().map(|&t| T::from_f64(t)).collect();
     for (a_row, w_row) in a.chunks_mut(i).zip(w.chunks(i)) {
-        for (u, (a, &w)) in a_row.iter_mut().zip(w_row).enumerate() {
-            d_theta[u] += w * *a;
-            *a *= theta[u];
+        // Zipped rather than indexed, so that the loop vectorises.
+        let lanes = a_row.iter_mut().zip(w_row).zip(d_theta.iter_mut());
+        for (((a, &w), d), &t) in lanes.zip(&theta) {
+            *d += w * *a;
+            *a *= t;
         }
     }
     Ok(out)
@@ -1831,7 +2004,7 @@ pub(crate) fn noise_linear(
     };
     let y = w.contiguous()?.apply_op3(mu, log_sigma, op)?;
     match b {
-        Some(b) => y.broadcast_add(b),
+        Some(b) => add_bias(&y, b),
         None => Ok(y),
     }
 }

@@ -216,6 +216,20 @@ proptest! {
     }
 
     #[test]
+    fn add_bias_matches_broadcast_add(
+        seed in 0u64..1_000_000,
+        rows in 1usize..7,
+        cols in 1usize..12,
+        f64_ in any::<bool>(),
+    ) {
+        let (dtype, mut rng, dims, y) = unit_input(seed, (rows, cols, &[]), f64_);
+        let b = Var::from_tensor(&random(&mut rng, &[cols], dtype)).unwrap();
+        let ours = || ops::add_bias(y.as_tensor(), b.as_tensor()).unwrap();
+        let reference = || y.as_tensor().broadcast_add(b.as_tensor()).unwrap();
+        check(&[&y, &b], ours, reference, dtype, &format!("bias on {dims:?}"));
+    }
+
+    #[test]
     fn select_units_matches_index_select(
         seed in 0u64..1_000_000,
         batch in 1usize..6,
@@ -230,6 +244,45 @@ proptest! {
         let ours = || ops::select_units(x.as_tensor(), &picks, &idx).unwrap();
         let reference = || x.as_tensor().index_select(&idx, 1).unwrap();
         check(&[&x], ours, reference, dtype, &format!("select {picks:?} of {dims:?}"));
+    }
+}
+
+/// Inputs large enough for the kernels' parallel paths (the proptests' small shapes run on
+/// the calling thread): per-unit scaling of feature maps and of vectors, shared and per
+/// example, against candle's `broadcast_mul`.
+#[test]
+fn large_inputs_take_the_parallel_paths_and_match_candle() {
+    for (dims, per_example) in [
+        (vec![64usize, 32, 8, 8], false),
+        (vec![64, 32, 8, 8], true),
+        (vec![300, 500], false),
+        (vec![300, 500], true),
+    ] {
+        let (dtype, mut rng, dims, x) = unit_input(5, (dims[0], dims[1], &dims[2..]), false);
+        let (batch, units) = (dims[0], dims[1]);
+        let s_dims = if per_example {
+            vec![batch, units]
+        } else {
+            vec![units]
+        };
+        let s = Var::from_tensor(&random(&mut rng, &s_dims, dtype)).unwrap();
+        let mut b_dims = vec![1usize; dims.len()];
+        b_dims[1] = units;
+        if per_example {
+            b_dims[0] = batch;
+        }
+        let ours = || ops::scale_units(x.as_tensor(), s.as_tensor()).unwrap();
+        let reference = || {
+            let s = s.as_tensor().reshape(b_dims.as_slice()).unwrap();
+            x.as_tensor().broadcast_mul(&s).unwrap()
+        };
+        check(
+            &[&x, &s],
+            ours,
+            reference,
+            dtype,
+            &format!("scale {dims:?}"),
+        );
     }
 }
 
