@@ -23,7 +23,6 @@ use candle::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::truncnorm::{
@@ -303,7 +302,10 @@ impl LogNormalDropout {
 
     /// Per-unit signal-to-noise ratio `E[θ]/sqrt(Var[θ])`.
     pub fn snr(&self) -> Result<Vec<f64>> {
-        Ok(self.distributions()?.par_iter().map(|d| d.snr()).collect())
+        let d = self.distributions()?;
+        Ok(crate::par::map_ranges(d.len(), PAR_UNITS, |r| {
+            d[r].iter().map(|d| d.snr()).collect()
+        }))
     }
 
     /// Per-unit `E[θ]`.
@@ -343,17 +345,20 @@ impl LogNormalDropout {
             .filter(|c| c.mu == mu && c.log_sigma == log_sigma);
         let terms = match cached {
             Some(c) => c.terms,
-            None => self
-                .clamp(&mu, &log_sigma)?
-                .par_iter()
-                .with_min_len(PAR_UNITS)
-                .map(|p| {
-                    let g = p.dist.kl_grad();
-                    (p.dist.kl(), p.gate(g.d_mu, g.d_log_sigma))
+            None => {
+                let params = self.clamp(&mu, &log_sigma)?;
+                crate::par::map_ranges(params.len(), PAR_UNITS, |r| {
+                    params[r]
+                        .iter()
+                        .map(|p| {
+                            let g = p.dist.kl_grad();
+                            (p.dist.kl(), p.gate(g.d_mu, g.d_log_sigma))
+                        })
+                        .collect()
                 })
-                .collect::<Vec<_>>()
                 .into_iter()
-                .collect(),
+                .collect()
+            }
         };
         // Summed in unit order, so the total does not depend on the thread count.
         let total: f64 = terms.kl.iter().sum();
@@ -431,11 +436,11 @@ impl LogNormalDropout {
 
     /// The evaluation-time multiplier per unit: `E[θ]` where kept, 0 where removed.
     pub fn eval_multiplier_values(&self) -> Result<Vec<f64>> {
-        Ok(self
-            .distributions()?
-            .par_iter()
-            .map(|d| if self.keeps(d) { d.mean() } else { 0.0 })
-            .collect())
+        let d = self.distributions()?;
+        let value = |d: &TruncatedLogNormal| if self.keeps(d) { d.mean() } else { 0.0 };
+        Ok(crate::par::map_ranges(d.len(), PAR_UNITS, |r| {
+            d[r].iter().map(value).collect()
+        }))
     }
 
     fn eval_multiplier(&self) -> Result<Tensor> {
@@ -465,10 +470,8 @@ impl LogNormalDropout {
         // With one draw per unit, the KL of the step's loss comes from the same windows
         // (when the previous step had a KL term).
         let with_kl = rows == 1 && self.kl_in_use.swap(false, Ordering::Relaxed);
-        let per_unit: Vec<_> = (0..n)
-            .into_par_iter()
-            .with_min_len(PAR_UNITS)
-            .map(|k| {
+        let per_unit: Vec<_> = crate::par::map_ranges(n, PAR_UNITS, |r| {
+            r.map(|k| {
                 let p = &params[k % units];
                 if with_kl {
                     let (s, kl, g) = p.dist.sample_and_kl_unchecked(uniforms[k]);
@@ -477,7 +480,8 @@ impl LogNormalDropout {
                     (p.dist.sample_unchecked(uniforms[k]), None)
                 }
             })
-            .collect();
+            .collect()
+        });
         let (mut value, mut g_mu, mut g_ls) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
         for (k, (s, _)) in per_unit.iter().enumerate() {
             value[k] = s.log_theta;

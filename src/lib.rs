@@ -13,6 +13,7 @@ pub mod layer;
 pub mod models;
 pub mod net;
 pub mod ops;
+mod par;
 pub mod plot;
 pub mod recipe;
 pub mod report;

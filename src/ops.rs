@@ -27,12 +27,11 @@
 //! # Ok::<(), candle::Error>(())
 //! ```
 
+use crate::par::threads;
 use candle::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
     Shape, Tensor, WithDType,
 };
-use gemm::Parallelism;
-use rayon::prelude::*;
 
 /// Whether the CPU kernels apply to these tensors: all on the CPU, all f32 or all f64.
 fn fast_path(ts: &[&Tensor]) -> bool {
@@ -46,13 +45,6 @@ fn needs_grad(t: &Tensor) -> bool {
     t.track_op()
 }
 
-/// candle's thread count (it honours `RAYON_NUM_THREADS`), read once: reading it means
-/// reading the environment, too slow for every kernel call.
-fn threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| candle::utils::get_num_threads().max(1))
-}
-
 /// The contiguous data of a CPU storage.
 fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let all = T::cpu_storage_as_slice(s)?;
@@ -62,8 +54,29 @@ fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// Below this many multiply-adds a product runs on the calling thread.
+const GEMM_PAR_MIN_MACS: usize = 1 << 18;
+
+/// A raw pointer that may cross threads: each thread reaches disjoint elements through it.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+
+// SAFETY: only used to hand disjoint blocks of one buffer to the pool's threads.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the wrapper, not its field).
+    fn at(self, offset: usize) -> *mut T {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// `dst (m×n) [+]= lhs (m×k) · rhs (k×n)`, each matrix given by its slice and its row and
-/// column strides. Checks that every index stays inside its slice.
+/// column strides. Checks that every index stays inside its slice. With `parallel`, a
+/// large product is split into blocks of rows or columns of `dst` (whichever dimension is
+/// larger) across candle's pool; the blocks' sums are the same as one product's, so the
+/// result does not depend on the number of threads.
 #[allow(clippy::too_many_arguments)]
 fn matmul<T: WithDType>(
     (m, n, k): (usize, usize, usize),
@@ -71,7 +84,7 @@ fn matmul<T: WithDType>(
     accumulate: bool,
     (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
     (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
-    parallelism: Parallelism,
+    parallel: bool,
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -91,41 +104,57 @@ fn matmul<T: WithDType>(
         }
         return Ok(());
     }
-    // SAFETY: the extents were checked above; `gemm` reads `lhs` and `rhs` and writes `dst`
-    // only at `row * rs + col * cs` for rows and columns inside the given sizes, and `dst`
-    // does not alias the inputs (it is a distinct `&mut`).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
-}
-
-fn parallelism(outer_parallel: bool) -> Parallelism {
-    if outer_parallel || threads() == 1 {
-        Parallelism::None
+    let blocks = if parallel && m * n * k >= GEMM_PAR_MIN_MACS {
+        crate::par::threads().min(m.max(n))
     } else {
-        Parallelism::Rayon(threads())
-    }
+        1
+    };
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let size = len.div_ceil(blocks);
+    let ranges: Vec<_> = (0..len)
+        .step_by(size)
+        .map(|a| a..(a + size).min(len))
+        .collect();
+    let (out, lhs, rhs) = (SendPtr(dst.as_mut_ptr()), lhs.as_ptr(), rhs.as_ptr());
+    let (lhs, rhs) = (SendPtr(lhs as *mut T), SendPtr(rhs as *mut T));
+    crate::par::map(ranges, |_, r| {
+        let (bm, bn) = if by_rows { (r.len(), n) } else { (m, r.len()) };
+        // Offsets of the block's first row (or column) in dst and in the operand it splits.
+        let (dst_at, lhs_at, rhs_at) = if by_rows {
+            (r.start * n, r.start * lhs_rs, 0)
+        } else {
+            (r.start, 0, r.start * rhs_cs)
+        };
+        // SAFETY: the extents were checked above, and the blocks split dst's rows (or
+        // columns) without overlap, so each thread writes its own elements; `gemm` reads
+        // `lhs` and `rhs` and writes `dst` only at `row * rs + col * cs` for rows and
+        // columns inside the block, and `dst` does not alias the inputs (a distinct `&mut`).
+        unsafe {
+            gemm::gemm(
+                bm,
+                bn,
+                k,
+                out.at(dst_at),
+                1,
+                n as isize,
+                accumulate,
+                lhs.at(lhs_at),
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs.at(rhs_at),
+                rhs_cs as isize,
+                rhs_rs as isize,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    Ok(())
 }
 
 /// Splits `0..n` into at most `threads()` contiguous chunks.
@@ -482,37 +511,37 @@ fn conv_forward<T: WithDType>(
     let outer = ranges.len() > 1;
     let per = g.samples_per_gemm();
     let parts = split_samples(&mut out, &ranges, o * p);
-    ranges
-        .par_iter()
-        .zip(parts)
-        .try_for_each(|(range, out_part)| -> Result<()> {
-            let mut cols = vec![T::zero(); k * per * p];
-            let mut tmp = vec![T::zero(); o * per * p];
-            for start in range.clone().step_by(per) {
-                let nb = per.min(range.end - start);
-                let ld = nb * p;
-                for j in 0..nb {
-                    let i = start + j;
-                    g.im2col(
-                        &x[i * g.in_len()..(i + 1) * g.in_len()],
-                        &mut cols,
-                        ld,
-                        j * p,
-                    );
-                }
-                matmul(
-                    (o, ld, k),
-                    &mut tmp,
-                    false,
-                    (w, k, 1),
-                    (&cols, ld, 1),
-                    parallelism(outer),
-                )?;
-                let at = (start - range.start) * o * p;
-                scatter_block(&tmp, &mut out_part[at..at + nb * o * p], (o, p, nb), b);
+    let work: Vec<_> = ranges.iter().cloned().zip(parts).collect();
+    crate::par::map(work, |_, (range, out_part)| -> Result<()> {
+        let mut cols = vec![T::zero(); k * per * p];
+        let mut tmp = vec![T::zero(); o * per * p];
+        for start in range.clone().step_by(per) {
+            let nb = per.min(range.end - start);
+            let ld = nb * p;
+            for j in 0..nb {
+                let i = start + j;
+                g.im2col(
+                    &x[i * g.in_len()..(i + 1) * g.in_len()],
+                    &mut cols,
+                    ld,
+                    j * p,
+                );
             }
-            Ok(())
-        })?;
+            matmul(
+                (o, ld, k),
+                &mut tmp,
+                false,
+                (w, k, 1),
+                (&cols, ld, 1),
+                !outer,
+            )?;
+            let at = (start - range.start) * o * p;
+            scatter_block(&tmp, &mut out_part[at..at + nb * o * p], (o, p, nb), b);
+        }
+        Ok(())
+    })
+    .into_iter()
+    .collect::<Result<()>>()?;
     Ok(out)
 }
 
@@ -541,15 +570,14 @@ fn conv_backward<T: WithDType>(
     } else {
         ranges.iter().map(|_| None).collect()
     };
-    let partials: Vec<Result<(Vec<T>, Vec<T>)>> = ranges
-        .par_iter()
-        .zip(dx_parts)
-        .map(|(range, mut dx_part)| {
+    let work: Vec<_> = ranges.iter().cloned().zip(dx_parts).collect();
+    let partials: Vec<Result<(Vec<T>, Vec<T>)>> =
+        crate::par::map(work, |_, (range, mut dx_part)| {
             let mut dw = vec![T::zero(); o * k];
             let mut db = vec![T::zero(); o];
             let mut cols = vec![T::zero(); k * per * p];
             let mut gt = vec![T::zero(); o * per * p];
-            let par = parallelism(outer);
+            let par = !outer;
             for start in range.clone().step_by(per) {
                 let nb = per.min(range.end - start);
                 let ld = nb * p;
@@ -584,8 +612,7 @@ fn conv_backward<T: WithDType>(
                 }
             }
             Ok((dw, db))
-        })
-        .collect();
+        });
     let mut dw = vec![T::zero(); o * k];
     let mut db = vec![T::zero(); if g.bias { o } else { 0 }];
     for part in partials {
@@ -718,14 +745,7 @@ fn linear_forward<T: WithDType>(
     let (n, i, o) = (g.batch, g.inputs, g.outputs);
     let mut y = vec![T::zero(); n * o];
     // y (n×o) = x (n×i) · wᵀ (i×o)
-    matmul(
-        (n, o, i),
-        &mut y,
-        false,
-        (x, i, 1),
-        (w, 1, i),
-        parallelism(false),
-    )?;
+    matmul((n, o, i), &mut y, false, (x, i, 1), (w, 1, i), true)?;
     if let Some(b) = b {
         for row in y.chunks_mut(o) {
             row.iter_mut().zip(b).for_each(|(v, &bias)| *v += bias);
@@ -749,14 +769,7 @@ fn linear_backward<T: WithDType>(
     let (dw, rest) = out.split_at_mut(o * i);
     let (db, dx) = rest.split_at_mut(db_len);
     // dw (o×i) = gradᵀ (o×n) · x (n×i)
-    matmul(
-        (o, i, n),
-        dw,
-        false,
-        (grad, 1, o),
-        (x, i, 1),
-        parallelism(false),
-    )?;
+    matmul((o, i, n), dw, false, (grad, 1, o), (x, i, 1), true)?;
     if g.bias {
         for row in grad.chunks(o) {
             db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
@@ -764,14 +777,7 @@ fn linear_backward<T: WithDType>(
     }
     if want_dx {
         // dx (n×i) = grad (n×o) · w (o×i)
-        matmul(
-            (n, i, o),
-            dx,
-            false,
-            (grad, o, 1),
-            (w, i, 1),
-            parallelism(false),
-        )?;
+        matmul((n, i, o), dx, false, (grad, o, 1), (w, i, 1), true)?;
     }
     Ok(out)
 }
@@ -951,7 +957,7 @@ struct MaxPoolOp(PoolGeometry);
 fn pool_forward<T: WithDType>(g: &PoolGeometry, x: &[T]) -> Result<Vec<T>> {
     let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
     let mut out = vec![T::zero(); g.planes * ohw];
-    out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
+    for_each_row(&mut out, ohw, |p, o| {
         let plane = &x[p * hw..(p + 1) * hw];
         for oy in 0..g.oh {
             for ox in 0..g.ow {
@@ -967,7 +973,7 @@ fn pool_forward<T: WithDType>(g: &PoolGeometry, x: &[T]) -> Result<Vec<T>> {
 fn pool_backward<T: WithDType>(g: &PoolGeometry, x: &[T], grad: &[T]) -> Result<Vec<T>> {
     let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
     let mut dx = vec![T::zero(); g.planes * hw];
-    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+    for_each_row(&mut dx, hw, |p, d| {
         let plane = &x[p * hw..(p + 1) * hw];
         let gp = &grad[p * ohw..(p + 1) * ohw];
         for oy in 0..g.oh {
@@ -1080,15 +1086,19 @@ const PAR_MIN_VALUES: usize = 1 << 17;
 /// large enough to pay for it.
 fn for_each_row<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let row_len = row_len.max(1);
-    if out.len() >= PAR_MIN_VALUES && threads() > 1 {
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(n, r)| f(n, r));
-    } else {
+    if out.len() < PAR_MIN_VALUES || threads() == 1 {
         out.chunks_mut(row_len)
             .enumerate()
             .for_each(|(n, r)| f(n, r));
+        return;
     }
+    // A few chunks of whole rows per thread, so that a slow thread can be helped.
+    let rows = (out.len() / row_len).div_ceil(threads() * 4).max(1);
+    crate::par::chunks_mut(out, rows * row_len, |c, chunk| {
+        for (j, r) in chunk.chunks_mut(row_len).enumerate() {
+            f(c * rows + j, r)
+        }
+    });
 }
 
 /// `max(v, 0)` where `relu`, else `v`.
@@ -1191,7 +1201,7 @@ fn scale_backward<T: WithDType>(
         };
         let blocks = g.batch.div_ceil(rows_per_block);
         let partial: Vec<Vec<T>> = if x.len() >= PAR_MIN_VALUES && threads() > 1 {
-            (0..blocks).into_par_iter().map(block).collect()
+            crate::par::map((0..blocks).collect(), |_, b| block(b))
         } else {
             (0..blocks).map(block).collect()
         };
@@ -1502,13 +1512,11 @@ macro_rules! adam_kernel {
                 // Biases and noise parameters: the pool would cost more than the pass.
                 return update(((p, g), (m, v)));
             }
-            p.par_chunks_mut(ADAM_CHUNK)
-                .zip(g.par_chunks(ADAM_CHUNK))
-                .zip(
-                    m.par_chunks_mut(ADAM_CHUNK)
-                        .zip(v.par_chunks_mut(ADAM_CHUNK)),
-                )
-                .for_each(update);
+            let chunks = p
+                .chunks_mut(ADAM_CHUNK)
+                .zip(g.chunks(ADAM_CHUNK))
+                .zip(m.chunks_mut(ADAM_CHUNK).zip(v.chunks_mut(ADAM_CHUNK)));
+            crate::par::map(chunks.collect(), |_, c| update(c));
         }
     };
 }
@@ -1842,14 +1850,7 @@ fn noise_linear_backward<T: WithDType>(
     let mut out = vec![T::zero(); o * i + i];
     let (a, d_theta) = out.split_at_mut(o * i);
     // A (o×i) = gradᵀ (o×n) · x (n×i)
-    matmul(
-        (o, i, n),
-        a,
-        false,
-        (grad, 1, o),
-        (x, i, 1),
-        parallelism(false),
-    )?;
+    matmul((o, i, n), a, false, (grad, 1, o), (x, i, 1), true)?;
     let theta: Vec<T> = theta.iter().map(|&t| T::from_f64(t)).collect();
     for (a_row, w_row) in a.chunks_mut(i).zip(w.chunks(i)) {
         // Zipped rather than indexed, so that the loop vectorises.
