@@ -935,20 +935,64 @@ struct PoolGeometry {
 impl PoolGeometry {
     /// The flat index (inside its plane) of the first maximum of window `(oy, ox)`.
     fn argmax<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
-        let mut best = oy * self.stride * self.w + ox * self.stride;
-        for ky in 0..self.kernel {
-            let row = (oy * self.stride + ky) * self.w + ox * self.stride;
-            for at in row..row + self.kernel {
-                // A NaN wins, so that it propagates.
-                let v = plane[at];
-                #[allow(clippy::eq_op)]
-                if v > plane[best] || v != v {
-                    best = at;
+        let (k, s) = (self.kernel, self.stride);
+        let mut best = oy * s * self.w + ox * s;
+        let mut best_v = plane[best];
+        for ky in 0..k {
+            let start = (oy * s + ky) * self.w + ox * s;
+            for (j, &v) in plane[start..start + k].iter().enumerate() {
+                if wins(v, best_v) {
+                    (best, best_v) = (start + j, v);
                 }
             }
         }
         best
     }
+
+    /// Pools one plane into `out` (`oh × ow`). Windows that tile the plane (kernel =
+    /// stride, LeNet's 2×2) take a running maximum over whole rows, with no index
+    /// bookkeeping: the values an argmax would pick.
+    fn pool_plane<T: WithDType>(&self, plane: &[T], out: &mut [T]) {
+        let (k, s, w, ow) = (self.kernel, self.stride, self.w, self.ow);
+        if k != s {
+            for oy in 0..self.oh {
+                for ox in 0..ow {
+                    out[oy * ow + ox] = plane[self.argmax(plane, oy, ox)];
+                }
+            }
+            return;
+        }
+        let larger = |m: T, v: T| if wins(v, m) { v } else { m };
+        if k == 2 {
+            // LeNet's pooling: two rows at a time, four values a window.
+            for (oy, o_row) in out.chunks_exact_mut(ow).enumerate() {
+                let r0 = &plane[2 * oy * w..][..2 * ow];
+                let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
+                let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                for (o, (a, b)) in o_row.iter_mut().zip(windows) {
+                    *o = larger(larger(larger(a[0], a[1]), b[0]), b[1]);
+                }
+            }
+            return;
+        }
+        for (oy, o_row) in out.chunks_exact_mut(ow).enumerate() {
+            for ky in 0..k {
+                let row = &plane[(oy * s + ky) * w..][..ow * s];
+                for (o, window) in o_row.iter_mut().zip(row.chunks_exact(s)) {
+                    let m = window[1..].iter().fold(window[0], |m, &v| larger(m, v));
+                    *o = if ky == 0 { m } else { larger(*o, m) };
+                }
+            }
+        }
+    }
+}
+
+/// Whether `v` replaces the maximum `best` so far: when larger, or NaN (which propagates).
+#[inline(always)]
+fn wins<T: WithDType>(v: T, best: T) -> bool {
+    #[allow(clippy::eq_op)]
+    let nan = v != v;
+    v > best || nan
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -958,12 +1002,7 @@ fn pool_forward<T: WithDType>(g: &PoolGeometry, x: &[T]) -> Result<Vec<T>> {
     let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
     let mut out = vec![T::zero(); g.planes * ohw];
     for_each_row(&mut out, ohw, |p, o| {
-        let plane = &x[p * hw..(p + 1) * hw];
-        for oy in 0..g.oh {
-            for ox in 0..g.ow {
-                o[oy * g.ow + ox] = plane[g.argmax(plane, oy, ox)];
-            }
-        }
+        g.pool_plane(&x[p * hw..(p + 1) * hw], o)
     });
     Ok(out)
 }

@@ -286,6 +286,39 @@ fn large_inputs_take_the_parallel_paths_and_match_candle() {
     }
 }
 
+/// Overlapping windows (kernel 3, stride 2) against a direct maximum over each window, and
+/// a NaN anywhere in a window propagates to its output, on both pooling paths.
+#[test]
+fn max_pool_overlapping_windows_and_nan() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let (h, w) = (9usize, 11usize);
+    let values: Vec<f64> = (0..h * w).map(|_| rng.random::<f64>()).collect();
+    let x = Tensor::from_vec(values.clone(), (1, 1, h, w), &Device::Cpu).unwrap();
+    let y = ops::max_pool2d(&x, 3, 2).unwrap();
+    let (oh, ow) = ((h - 3) / 2 + 1, (w - 3) / 2 + 1);
+    assert_eq!(y.dims(), [1, 1, oh, ow]);
+    let got = y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let mut m = f64::NEG_INFINITY;
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    m = m.max(values[(2 * oy + ky) * w + 2 * ox + kx]);
+                }
+            }
+            assert_eq!(got[oy * ow + ox], m, "window ({oy}, {ox})");
+        }
+    }
+    for (kernel, stride) in [(2, 2), (3, 2)] {
+        let mut with_nan = values.clone();
+        with_nan[w + 1] = f64::NAN; // row 1, column 1: inside window (0, 0) either way
+        let x = Tensor::from_vec(with_nan, (1, 1, h, w), &Device::Cpu).unwrap();
+        let y = ops::max_pool2d(&x, kernel, stride).unwrap();
+        let first = y.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
+        assert!(first.is_nan(), "k{kernel} s{stride}: NaN lost, got {first}");
+    }
+}
+
 /// The image fed to the first layer is no variable: its gradient is neither returned nor
 /// computed, while the weights' gradients stay exact.
 #[test]
