@@ -6,6 +6,10 @@
 //! cargo run --release --example speed -- --pytorch
 //! ```
 //!
+//! `--compressed lenet5=FILE` (repeatable) also times a network saved by an experiment
+//! (`Net::save`) against its dense original at inference and prints the measured speed-up
+//! beside the MACs ratio.
+//!
 //! Batches come from the real MNIST training set when it is in the data directory (random
 //! images otherwise); timings are medians over `--steps` steps after `--warmup` steps.
 
@@ -61,6 +65,13 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// A compressed network saved by an experiment, as `NET=FILE` (NET: lenet5 or
+    /// lenet500_300), timed at inference against the dense NET (repeatable).
+    #[arg(long, value_name = "NET=FILE")]
+    compressed: Vec<String>,
+    /// Time only the `--compressed` networks (no training steps).
+    #[arg(long, requires = "compressed")]
+    only_compressed: bool,
 }
 
 type Build = fn(Option<LogNormalDropoutConfig>, VarBuilder) -> candle_sbp::Result<Net>;
@@ -190,6 +201,46 @@ fn time_inference(args: &Args, build: Build, x: &Tensor) -> Result<f64> {
     Ok(median(times))
 }
 
+/// Inference of each `--compressed NET=FILE` against the dense NET: the best over
+/// `--rounds` of the median over `--steps` forward passes, each side in turn.
+fn time_compressed(args: &Args, x: &Tensor) -> Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for spec in &args.compressed {
+        let Some((name, file)) = spec.split_once('=') else {
+            bail!("--compressed {spec:?}: expected NET=FILE");
+        };
+        let build = match name {
+            "lenet5" => lenet5_caffe as Build,
+            "lenet500_300" => lenet_500_300,
+            other => {
+                bail!("--compressed {spec:?}: unknown network {other:?} (lenet5 or lenet500_300)")
+            }
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let dense = build(None, vb)?;
+        dense.reset_parameters(0)?;
+        let small = Net::load(file, &Device::Cpu).with_context(|| format!("loading {file}"))?;
+        let (mut d, mut c) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..args.rounds {
+            d = d.min(candle_sbp::report::time_forward(&dense, x, args.steps)? * 1e3);
+            c = c.min(candle_sbp::report::time_forward(&small, x, args.steps)? * 1e3);
+        }
+        let macs = candle_sbp::report::total_macs(&dense) as f64
+            / candle_sbp::report::total_macs(&small).max(1) as f64;
+        println!(
+            "{file}: dense {d:.3} ms, compressed {c:.3} ms: {:.2}× faster for {macs:.2}× fewer MACs ({:.2} of the ratio)",
+            d / c,
+            d / c / macs
+        );
+        out.push(serde_json::json!({
+            "net": name, "file": file, "dense_ms": d, "compressed_ms": c,
+            "speedup": d / c, "macs_ratio": macs,
+        }));
+    }
+    Ok(out)
+}
+
 fn pytorch(args: &Args) -> Result<serde_json::Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/pytorch_reference.py");
     let dir = data::data_dir(args.data_dir.as_deref()).join("mnist");
@@ -274,6 +325,7 @@ fn main() -> Result<()> {
     ]
     .into_iter()
     .filter(|(name, _)| args.net.as_deref().is_none_or(|n| n == *name))
+    .filter(|_| !args.only_compressed)
     .collect();
     println!("threads: {}", candle::utils::get_num_threads());
     let (mut ours, mut torch) = (Vec::new(), Vec::new());
@@ -297,30 +349,37 @@ fn main() -> Result<()> {
         "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
         "threads": candle::utils::get_num_threads(), "candle_sbp": ours,
     });
-    println!("\nbest of {} rounds:", args.rounds);
-    println!(
-        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "network", "dense ms", "SBP ms", "SBP cost", "torch ms", "ratio", "infer ms", "ratio"
-    );
-    for (name, _) in &nets {
-        let (d, s, i) = (
-            best(&ours, name, "step_ms_dense").unwrap_or(f64::NAN),
-            best(&ours, name, "step_ms_sbp").unwrap_or(f64::NAN),
-            best(&ours, name, "infer_ms").unwrap_or(f64::NAN),
-        );
-        let (ts, ti) = (
-            best(&torch, name, "step_ms").unwrap_or(f64::NAN),
-            best(&torch, name, "infer_ms").unwrap_or(f64::NAN),
-        );
+    if !nets.is_empty() {
+        println!("\nbest of {} rounds:", args.rounds);
         println!(
-            "{name:<14} {d:>9.2} {s:>9.2} {:>8.1}% {ts:>9.2} {:>8.2}× {i:>9.2} {:>8.2}×",
-            100.0 * (s / d - 1.0),
-            d / ts,
-            i / ti
+            "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "network", "dense ms", "SBP ms", "SBP cost", "torch ms", "ratio", "infer ms", "ratio"
         );
+        for (name, _) in &nets {
+            let (d, s, i) = (
+                best(&ours, name, "step_ms_dense").unwrap_or(f64::NAN),
+                best(&ours, name, "step_ms_sbp").unwrap_or(f64::NAN),
+                best(&ours, name, "infer_ms").unwrap_or(f64::NAN),
+            );
+            let (ts, ti) = (
+                best(&torch, name, "step_ms").unwrap_or(f64::NAN),
+                best(&torch, name, "infer_ms").unwrap_or(f64::NAN),
+            );
+            println!(
+                "{name:<14} {d:>9.2} {s:>9.2} {:>8.1}% {ts:>9.2} {:>8.2}× {i:>9.2} {:>8.2}×",
+                100.0 * (s / d - 1.0),
+                d / ts,
+                i / ti
+            );
+        }
     }
     if args.pytorch {
         result["pytorch"] = serde_json::Value::Array(torch);
+    }
+    if !args.compressed.is_empty() {
+        println!("\ncompressed networks at batch {}:", args.batch_size);
+        let x = &data[0].0;
+        result["compressed"] = serde_json::Value::Array(time_compressed(&args, x)?);
     }
     if let Some(path) = &args.json {
         candle_sbp::net::write_atomic(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
