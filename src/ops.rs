@@ -431,6 +431,16 @@ impl ConvGeometry {
         }
     }
 
+    /// The im2col matrices of the samples `samples` of the batch `x`, side by side in
+    /// `cols` (`k()` rows of `samples.len() · p()` columns).
+    fn im2col_block<T: WithDType>(&self, x: &[T], samples: std::ops::Range<usize>, cols: &mut [T]) {
+        let (p, len) = (self.p(), self.in_len());
+        let ld = samples.len() * p;
+        for (j, i) in samples.enumerate() {
+            self.im2col(&x[i * len..(i + 1) * len], cols, ld, j * p);
+        }
+    }
+
     /// Adds the im2col-shaped gradient in columns `col0..col0 + p()` of `cols` (rows `ld`
     /// long) back onto the input gradient `dx`.
     fn col2im<T: WithDType>(&self, cols: &[T], ld: usize, col0: usize, dx: &mut [T]) {
@@ -518,15 +528,7 @@ fn conv_forward<T: WithDType>(
         for start in range.clone().step_by(per) {
             let nb = per.min(range.end - start);
             let ld = nb * p;
-            for j in 0..nb {
-                let i = start + j;
-                g.im2col(
-                    &x[i * g.in_len()..(i + 1) * g.in_len()],
-                    &mut cols,
-                    ld,
-                    j * p,
-                );
-            }
+            g.im2col_block(x, start..start + nb, &mut cols);
             matmul(
                 (o, ld, k),
                 &mut tmp,
@@ -581,15 +583,7 @@ fn conv_backward<T: WithDType>(
             for start in range.clone().step_by(per) {
                 let nb = per.min(range.end - start);
                 let ld = nb * p;
-                for j in 0..nb {
-                    let i = start + j;
-                    g.im2col(
-                        &x[i * g.in_len()..(i + 1) * g.in_len()],
-                        &mut cols,
-                        ld,
-                        j * p,
-                    );
-                }
+                g.im2col_block(x, start..start + nb, &mut cols);
                 gather_block(
                     &grad[start * o * p..(start + nb) * o * p],
                     &mut gt,

@@ -87,6 +87,31 @@ fn check(
     }
 }
 
+/// `scale_units` against `broadcast_mul`, values and gradients, for an input
+/// `(batch, units, inner…)` and factors shared by the batch or per example.
+fn check_scale(seed: u64, shape: (usize, usize, &[usize]), per_example: bool, f64_: bool) {
+    let (dtype, mut rng, dims, x) = unit_input(seed, shape, f64_);
+    let (batch, units) = (dims[0], dims[1]);
+    let s_dims = if per_example {
+        vec![batch, units]
+    } else {
+        vec![units]
+    };
+    let s = Var::from_tensor(&random(&mut rng, &s_dims, dtype)).unwrap();
+    let mut b_dims = vec![1usize; dims.len()];
+    b_dims[1] = units;
+    if per_example {
+        b_dims[0] = batch;
+    }
+    let ours = || ops::scale_units(x.as_tensor(), s.as_tensor()).unwrap();
+    let reference = || {
+        let s = s.as_tensor().reshape(b_dims.as_slice()).unwrap();
+        x.as_tensor().broadcast_mul(&s).unwrap()
+    };
+    let what = format!("scale {dims:?} by {s_dims:?}");
+    check(&[&x, &s], ours, reference, dtype, &what);
+}
+
 proptest! {
     // A fixed seed (as in compress_equivalence): the cases are the same on every run.
     #![proptest_config(ProptestConfig {
@@ -202,17 +227,7 @@ proptest! {
         per_example in any::<bool>(),
         f64_ in any::<bool>(),
     ) {
-        let (dtype, mut rng, dims, x) = unit_input(seed, (batch, units, &inner), f64_);
-        let s_dims = if per_example { vec![batch, units] } else { vec![units] };
-        let s = Var::from_tensor(&random(&mut rng, &s_dims, dtype)).unwrap();
-        let mut b_dims = vec![1usize; dims.len()];
-        b_dims[1] = units;
-        if per_example {
-            b_dims[0] = batch;
-        }
-        let ours = || ops::scale_units(x.as_tensor(), s.as_tensor()).unwrap();
-        let reference = || x.as_tensor().broadcast_mul(&s.as_tensor().reshape(b_dims.as_slice()).unwrap()).unwrap();
-        check(&[&x, &s], ours, reference, dtype, &format!("scale {dims:?} by {s_dims:?}"));
+        check_scale(seed, (batch, units, &inner), per_example, f64_);
     }
 
     #[test]
@@ -258,31 +273,7 @@ fn large_inputs_take_the_parallel_paths_and_match_candle() {
         (vec![300, 500], false),
         (vec![300, 500], true),
     ] {
-        let (dtype, mut rng, dims, x) = unit_input(5, (dims[0], dims[1], &dims[2..]), false);
-        let (batch, units) = (dims[0], dims[1]);
-        let s_dims = if per_example {
-            vec![batch, units]
-        } else {
-            vec![units]
-        };
-        let s = Var::from_tensor(&random(&mut rng, &s_dims, dtype)).unwrap();
-        let mut b_dims = vec![1usize; dims.len()];
-        b_dims[1] = units;
-        if per_example {
-            b_dims[0] = batch;
-        }
-        let ours = || ops::scale_units(x.as_tensor(), s.as_tensor()).unwrap();
-        let reference = || {
-            let s = s.as_tensor().reshape(b_dims.as_slice()).unwrap();
-            x.as_tensor().broadcast_mul(&s).unwrap()
-        };
-        check(
-            &[&x, &s],
-            ours,
-            reference,
-            dtype,
-            &format!("scale {dims:?}"),
-        );
+        check_scale(5, (dims[0], dims[1], &dims[2..]), per_example, false);
     }
 }
 
