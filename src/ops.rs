@@ -197,10 +197,14 @@ macro_rules! cpu_dispatch {
     };
 }
 
-/// The `cpu_fwd` of a two-input op over `(a, b)` whose output has `a`'s shape:
+/// The `cpu_fwd` of a two-input op over `(a, b)` whose output has `a`'s shape (or the
+/// shape that `|g, layout| …` gives from the geometry and `a`'s layout):
 /// `$kernel(&self.0, a, b)`, with `self.0` a `$geometry`.
 macro_rules! same_shape_cpu_fwd {
     ($geometry:ty, $kernel:ident) => {
+        same_shape_cpu_fwd!($geometry, $kernel, |_g, l1| l1.shape().clone());
+    };
+    ($geometry:ty, $kernel:ident, |$g:ident, $l:ident| $shape:expr) => {
         fn cpu_fwd(
             &self,
             s1: &CpuStorage,
@@ -216,7 +220,8 @@ macro_rules! same_shape_cpu_fwd {
                 $kernel(g, data(s1, l1)?, data(s2, l2)?)
             }
             let (out, _) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2)));
-            Ok((out, l1.shape().clone()))
+            let ($g, $l) = (&self.0, l1);
+            Ok((out, Shape::from($shape)))
         }
     };
 }
@@ -820,12 +825,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// `y`'s gradient passed on as it is and `b`'s summed over the rows, where candle's
 /// `broadcast_add` reduces over a strided axis one element at a time.
 #[derive(Debug, Clone, Copy)]
-struct BiasAddOp {
-    rows: usize,
+struct BiasGeometry {
     cols: usize,
 }
 
-fn bias_add_forward<T: WithDType>(op: &BiasAddOp, y: &[T], b: &[T]) -> Result<Vec<T>> {
+#[derive(Debug, Clone, Copy)]
+struct BiasAddOp(BiasGeometry);
+
+fn bias_add_forward<T: WithDType>(op: &BiasGeometry, y: &[T], b: &[T]) -> Result<Vec<T>> {
     let mut out = y.to_vec();
     for row in out.chunks_mut(op.cols.max(1)) {
         row.iter_mut().zip(b).for_each(|(v, &bias)| *v += bias);
@@ -834,7 +841,7 @@ fn bias_add_forward<T: WithDType>(op: &BiasAddOp, y: &[T], b: &[T]) -> Result<Ve
 }
 
 /// Column sums of a contiguous `(rows, cols)` gradient.
-fn column_sums<T: WithDType>(op: &BiasAddOp, grad: &[T], _b: &[T]) -> Result<Vec<T>> {
+fn column_sums<T: WithDType>(op: &BiasGeometry, grad: &[T], _b: &[T]) -> Result<Vec<T>> {
     let mut db = vec![T::zero(); op.cols];
     for row in grad.chunks(op.cols.max(1)) {
         db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
@@ -844,23 +851,14 @@ fn column_sums<T: WithDType>(op: &BiasAddOp, grad: &[T], _b: &[T]) -> Result<Vec
 
 /// The column sums of `grad` as a custom op over `(grad, b)` (b only names the dtype).
 #[derive(Debug, Clone, Copy)]
-struct ColumnSumOp(BiasAddOp);
+struct ColumnSumOp(BiasGeometry);
 
 impl CustomOp2 for ColumnSumOp {
     fn name(&self) -> &'static str {
         "sbp-column-sum"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (out, _) = cpu_dispatch!(s1, column_sums(&self.0, data(s1, l1)?, data(s2, l2)?));
-        Ok((out, Shape::from(self.0.cols)))
-    }
+    same_shape_cpu_fwd!(BiasGeometry, column_sums, |g, _l| g.cols);
 }
 
 impl CustomOp2 for BiasAddOp {
@@ -868,16 +866,7 @@ impl CustomOp2 for BiasAddOp {
         "sbp-bias-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (out, _) = cpu_dispatch!(s1, bias_add_forward(self, data(s1, l1)?, data(s2, l2)?));
-        Ok((out, Shape::from((self.rows, self.cols))))
-    }
+    same_shape_cpu_fwd!(BiasGeometry, bias_add_forward);
 
     fn bwd(
         &self,
@@ -889,7 +878,7 @@ impl CustomOp2 for BiasAddOp {
         let db = if needs_grad(b) {
             Some(
                 grad.contiguous()?
-                    .apply_op2_no_bwd(b, &ColumnSumOp(*self))?,
+                    .apply_op2_no_bwd(b, &ColumnSumOp(self.0))?,
             )
         } else {
             None
@@ -905,10 +894,7 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !fits || !fast_path(&[y, b]) {
         return y.broadcast_add(b);
     }
-    let op = BiasAddOp {
-        rows: y.dim(0)?,
-        cols: y.dim(1)?,
-    };
+    let op = BiasAddOp(BiasGeometry { cols: y.dim(1)? });
     y.contiguous()?.apply_op2(&b.contiguous()?, op)
 }
 
