@@ -88,14 +88,14 @@ pub(crate) fn chunks_mut<T: Send>(data: &mut [T], len: usize, f: impl Fn(usize, 
     map(data.chunks_mut(len.max(1)).collect(), f);
 }
 
-/// `f(range)` over consecutive ranges of `0..n` of `min_len` indices (the last shorter),
-/// in parallel; the results concatenated in order.
+/// `f(range)` over consecutive ranges of `0..n`, two a thread of equal length but at least
+/// `min_len` indices (the last shorter), in parallel; the results concatenated in order.
 pub(crate) fn map_ranges<R: Send>(
     n: usize,
     min_len: usize,
     f: impl Fn(std::ops::Range<usize>) -> Vec<R> + Sync,
 ) -> Vec<R> {
-    let step = min_len.max(1);
+    let step = n.div_ceil(2 * threads()).max(min_len).max(1);
     let ranges: Vec<_> = (0..n).step_by(step).map(|a| a..(a + step).min(n)).collect();
     map(ranges, |_, r| f(r)).into_iter().flatten().collect()
 }
