@@ -419,10 +419,14 @@ impl ConvGeometry {
                             continue;
                         };
                         let src = &plane[iy * self.w..(iy + 1) * self.w];
-                        out[..lo].fill(T::zero());
-                        out[hi..].fill(T::zero());
+                        if lo > 0 {
+                            out[..lo].fill(T::zero());
+                        }
+                        if hi < ow {
+                            out[hi..].fill(T::zero());
+                        }
                         if self.stride == 1 {
-                            out[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+                            copy_row(&mut out[lo..hi], &src[ix0..ix0 + hi - lo]);
                         } else {
                             let picked = src[ix0..].iter().step_by(self.stride);
                             out[lo..hi]
@@ -479,6 +483,18 @@ impl ConvGeometry {
     /// im2col buffer (`k() × b·p()`) stays near 1 MiB of f32.
     fn samples_per_gemm(&self) -> usize {
         (256 * 1024 / (self.k() * self.p()).max(1)).clamp(1, 64)
+    }
+}
+
+/// `dst ← src` for one row of an im2col matrix. Rows of deep layers are short (8 values
+/// for LeNet5's second convolution), where a call to `memcpy` per row cost more than the
+/// copy: an inline loop for those.
+#[inline(always)]
+fn copy_row<T: WithDType>(dst: &mut [T], src: &[T]) {
+    if dst.len() < 32 {
+        dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
+    } else {
+        dst.copy_from_slice(src);
     }
 }
 
