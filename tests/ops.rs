@@ -469,3 +469,32 @@ fn cross_entropy_matches_candle_nn() {
     let err = ops::cross_entropy(&z, &bad).unwrap_err().to_string();
     assert!(err.contains("label 3 at index 1"), "{err}");
 }
+
+/// The kernels share candle's thread pool, which serialises its callers: several threads
+/// training at once (as `cargo test` does) must neither deadlock nor see each other's
+/// work. Each thread's convolution, linear layer and their gradients, on inputs large
+/// enough for the parallel paths, equal the same computation run alone, bit for bit.
+#[test]
+fn kernels_called_from_several_threads_at_once_agree_with_one() {
+    let run = |seed: u64| -> Vec<Vec<f32>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x = random(&mut rng, &[32, 3, 20, 20], DType::F32);
+        let w = Var::from_tensor(&random(&mut rng, &[16, 3, 5, 5], DType::F32)).unwrap();
+        let fc = Var::from_tensor(&random(&mut rng, &[64, 16 * 16 * 16], DType::F32)).unwrap();
+        let y = ops::conv2d(&x, w.as_tensor(), None, 0, 1, 1, 1).unwrap();
+        let h = ops::linear(&y.flatten_from(1).unwrap(), fc.as_tensor(), None).unwrap();
+        let grads = probe(&h, seed).backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        vec![
+            flat(&h),
+            flat(grads.get(w.as_tensor()).unwrap()),
+            flat(grads.get(fc.as_tensor()).unwrap()),
+        ]
+    };
+    let alone: Vec<_> = (0..4).map(run).collect();
+    let together: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4).map(|k| s.spawn(move || run(k))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, together);
+}
