@@ -76,6 +76,9 @@ struct Args {
 
 type Build = fn(Option<LogNormalDropoutConfig>, VarBuilder) -> candle_sbp::Result<Net>;
 
+/// The networks timed, by the names the flags use.
+const NETS: [(&str, Build); 2] = [("lenet5", lenet5_caffe), ("lenet500_300", lenet_500_300)];
+
 fn batches(args: &Args, count: usize) -> Result<Vec<(Tensor, Tensor)>> {
     let dir = data::data_dir(args.data_dir.as_deref()).join("mnist");
     let device = Device::Cpu;
@@ -209,12 +212,8 @@ fn time_compressed(args: &Args, x: &Tensor) -> Result<Vec<serde_json::Value>> {
         let Some((name, file)) = spec.split_once('=') else {
             bail!("--compressed {spec:?}: expected NET=FILE");
         };
-        let build = match name {
-            "lenet5" => lenet5_caffe as Build,
-            "lenet500_300" => lenet_500_300,
-            other => {
-                bail!("--compressed {spec:?}: unknown network {other:?} (lenet5 or lenet500_300)")
-            }
+        let Some(&(_, build)) = NETS.iter().find(|(n, _)| *n == name) else {
+            bail!("--compressed {spec:?}: unknown network {name:?} (lenet5 or lenet500_300)");
         };
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -319,14 +318,11 @@ fn main() -> Result<()> {
         bail!("--steps, --rounds and --batch-size must be positive");
     }
     let data = batches(&args, args.warmup + args.steps)?;
-    let nets: Vec<(&str, Build)> = [
-        ("lenet5", lenet5_caffe as Build),
-        ("lenet500_300", lenet_500_300),
-    ]
-    .into_iter()
-    .filter(|(name, _)| args.net.as_deref().is_none_or(|n| n == *name))
-    .filter(|_| !args.only_compressed)
-    .collect();
+    let nets: Vec<(&str, Build)> = NETS
+        .into_iter()
+        .filter(|(name, _)| args.net.as_deref().is_none_or(|n| n == *name))
+        .filter(|_| !args.only_compressed)
+        .collect();
     println!("threads: {}", candle::utils::get_num_threads());
     let (mut ours, mut torch) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {

@@ -470,25 +470,24 @@ impl LogNormalDropout {
         // With one draw per unit, the KL of the step's loss comes from the same windows
         // (when the previous step had a KL term).
         let with_kl = rows == 1 && self.kl_in_use.swap(false, Ordering::Relaxed);
+        // Per unit: log θ, its gated derivatives, and the KL terms when wanted.
         let per_unit: Vec<_> = crate::par::map_ranges(n, PAR_UNITS, |r| {
             r.map(|k| {
                 let p = &params[k % units];
-                if with_kl {
+                let (s, kl) = if with_kl {
                     let (s, kl, g) = p.dist.sample_and_kl_unchecked(uniforms[k]);
                     (s, Some((kl, p.gate(g.d_mu, g.d_log_sigma))))
                 } else {
                     (p.dist.sample_unchecked(uniforms[k]), None)
-                }
+                };
+                (s.log_theta, p.gate(s.d_mu, s.d_log_sigma), kl)
             })
             .collect()
         });
-        let (mut value, mut g_mu, mut g_ls) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        for (k, (s, _)) in per_unit.iter().enumerate() {
-            value[k] = s.log_theta;
-            (g_mu[k], g_ls[k]) = params[k % units].gate(s.d_mu, s.d_log_sigma);
-        }
+        let value = per_unit.iter().map(|u| u.0).collect();
+        let (g_mu, g_ls) = per_unit.iter().map(|u| u.1).unzip();
         if with_kl {
-            let terms = per_unit.into_iter().filter_map(|(_, kl)| kl).collect();
+            let terms = per_unit.into_iter().filter_map(|u| u.2).collect();
             *self.kl_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(KlCache {
                 mu,
                 log_sigma,

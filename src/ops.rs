@@ -105,7 +105,7 @@ fn matmul<T: WithDType>(
         return Ok(());
     }
     let blocks = if parallel && m * n * k >= GEMM_PAR_MIN_MACS {
-        crate::par::threads().min(m.max(n))
+        threads().min(m.max(n))
     } else {
         1
     };
@@ -116,8 +116,11 @@ fn matmul<T: WithDType>(
         .step_by(size)
         .map(|a| a..(a + size).min(len))
         .collect();
-    let (out, lhs, rhs) = (SendPtr(dst.as_mut_ptr()), lhs.as_ptr(), rhs.as_ptr());
-    let (lhs, rhs) = (SendPtr(lhs as *mut T), SendPtr(rhs as *mut T));
+    let out = SendPtr(dst.as_mut_ptr());
+    let (lhs, rhs) = (
+        SendPtr(lhs.as_ptr().cast_mut()),
+        SendPtr(rhs.as_ptr().cast_mut()),
+    );
     crate::par::map(ranges, |_, r| {
         let (bm, bn) = if by_rows { (r.len(), n) } else { (m, r.len()) };
         // Offsets of the block's first row (or column) in dst and in the operand it splits.
@@ -762,9 +765,7 @@ fn linear_forward<T: WithDType>(
     // y (n×o) = x (n×i) · wᵀ (i×o)
     matmul((n, o, i), &mut y, false, (x, i, 1), (w, 1, i), true)?;
     if let Some(b) = b {
-        for row in y.chunks_mut(o) {
-            row.iter_mut().zip(b).for_each(|(v, &bias)| *v += bias);
-        }
+        add_to_rows(&mut y, b);
     }
     Ok(y)
 }
@@ -786,9 +787,7 @@ fn linear_backward<T: WithDType>(
     // dw (o×i) = gradᵀ (o×n) · x (n×i)
     matmul((o, i, n), dw, false, (grad, 1, o), (x, i, 1), true)?;
     if g.bias {
-        for row in grad.chunks(o) {
-            db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
-        }
+        sum_rows_into(db, grad);
     }
     if want_dx {
         // dx (n×i) = grad (n×o) · w (o×i)
@@ -848,20 +847,30 @@ struct BiasGeometry {
 #[derive(Debug, Clone, Copy)]
 struct BiasAddOp(BiasGeometry);
 
-fn bias_add_forward<T: WithDType>(op: &BiasGeometry, y: &[T], b: &[T]) -> Result<Vec<T>> {
-    let mut out = y.to_vec();
-    for row in out.chunks_mut(op.cols.max(1)) {
+/// Adds `b` to each row of the row-major `y` (rows of `b.len()` values).
+fn add_to_rows<T: WithDType>(y: &mut [T], b: &[T]) {
+    for row in y.chunks_mut(b.len().max(1)) {
         row.iter_mut().zip(b).for_each(|(v, &bias)| *v += bias);
     }
+}
+
+/// Adds the column sums of the row-major `m` (rows of `sums.len()` values) to `sums`.
+fn sum_rows_into<T: WithDType>(sums: &mut [T], m: &[T]) {
+    for row in m.chunks(sums.len().max(1)) {
+        sums.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+    }
+}
+
+fn bias_add_forward<T: WithDType>(_g: &BiasGeometry, y: &[T], b: &[T]) -> Result<Vec<T>> {
+    let mut out = y.to_vec();
+    add_to_rows(&mut out, b);
     Ok(out)
 }
 
 /// Column sums of a contiguous `(rows, cols)` gradient.
-fn column_sums<T: WithDType>(op: &BiasGeometry, grad: &[T], _b: &[T]) -> Result<Vec<T>> {
-    let mut db = vec![T::zero(); op.cols];
-    for row in grad.chunks(op.cols.max(1)) {
-        db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
-    }
+fn column_sums<T: WithDType>(g: &BiasGeometry, grad: &[T], _b: &[T]) -> Result<Vec<T>> {
+    let mut db = vec![T::zero(); g.cols];
+    sum_rows_into(&mut db, grad);
     Ok(db)
 }
 
@@ -1117,11 +1126,16 @@ impl ScaleGeometry {
 /// to the pool and waiting for it costs tens of microseconds, more than such a pass.
 const PAR_MIN_VALUES: usize = 1 << 17;
 
+/// Whether a pass over `values` values pays for splitting across the pool.
+fn worth_splitting(values: usize) -> bool {
+    values >= PAR_MIN_VALUES && threads() > 1
+}
+
 /// `f(n, row)` for the rows of `out` (`row_len` values each), in parallel where `out` is
 /// large enough to pay for it.
 fn for_each_row<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let row_len = row_len.max(1);
-    if out.len() < PAR_MIN_VALUES || threads() == 1 {
+    if !worth_splitting(out.len()) {
         out.chunks_mut(row_len)
             .enumerate()
             .for_each(|(n, r)| f(n, r));
@@ -1235,7 +1249,7 @@ fn scale_backward<T: WithDType>(
             acc
         };
         let blocks = g.batch.div_ceil(rows_per_block);
-        let partial: Vec<Vec<T>> = if x.len() >= PAR_MIN_VALUES && threads() > 1 {
+        let partial: Vec<Vec<T>> = if worth_splitting(x.len()) {
             crate::par::map((0..blocks).collect(), |_, b| block(b))
         } else {
             (0..blocks).map(block).collect()
@@ -1543,7 +1557,7 @@ macro_rules! adam_kernel {
                     *p = decay * *p - size * *m / (v.sqrt() * scale + eps);
                 }
             };
-            if p.len() < PAR_MIN_VALUES || threads() == 1 {
+            if !worth_splitting(p.len()) {
                 // Biases and noise parameters: the pool would cost more than the pass.
                 return update(((p, g), (m, v)));
             }
