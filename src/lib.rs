@@ -4,6 +4,7 @@
 pub mod ablation;
 pub mod compare;
 pub mod compress;
+mod conv_direct;
 pub mod coupling;
 pub mod criteria;
 pub mod data;

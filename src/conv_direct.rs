@@ -1,0 +1,434 @@
+//! Direct 2-d convolution in f32 on x86-64 with AVX2 and FMA (detected at run time):
+//! stride 1, no dilation, any padding.
+//!
+//! Pruned networks keep few channels, and there im2col + GEMM spends more time writing
+//! the im2col matrix (`c_in·kh·kw` values per output position, each used by only `c_out`
+//! multiply-adds) than multiplying: a compressed LeNet5's first convolution keeps 6 output
+//! channels for 25 im2col rows. This kernel reads the input where it lies. A tile of up to
+//! 4 output channels × 3 output rows × 8 output columns stays in 12 registers while it
+//! runs over the taps, and each input vector it loads feeds one FMA per channel.
+
+use std::mem::MaybeUninit;
+
+/// Output channels per tile.
+const CHANNELS: usize = 4;
+/// Output rows per tile.
+const ROWS: usize = 3;
+/// Output columns per tile: one AVX vector of f32.
+const LANES: usize = 8;
+
+/// The shape of a stride-1, undilated convolution of one sample.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DirectConv {
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub padding: usize,
+}
+
+impl DirectConv {
+    fn padded(&self) -> (usize, usize) {
+        (self.h + 2 * self.padding, self.w + 2 * self.padding)
+    }
+
+    /// Output height and width.
+    pub fn out_size(&self) -> (usize, usize) {
+        let (hp, wp) = self.padded();
+        (hp + 1 - self.kh, wp + 1 - self.kw)
+    }
+
+    fn in_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    fn out_len(&self) -> usize {
+        let (oh, ow) = self.out_size();
+        self.c_out * oh * ow
+    }
+
+    fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+}
+
+/// Whether this machine runs the kernel (x86-64 with AVX2 and FMA).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Writes the convolution of a batch `x` (`batch × c_in × h × w`) with `w` (`c_out × c_in ×
+/// kh × kw`) plus `b` into every element of `out` (`batch × c_out × oh × ow`, which may
+/// start uninitialised). `None` (and `out` untouched) where the kernel does not run here
+/// ([`available`]) or the buffers do not match the shape.
+pub(crate) fn forward(
+    g: &DirectConv,
+    batch: usize,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) -> Option<()> {
+    let fits = g.kh >= 1
+        && g.kw >= 1
+        && g.padded().0 >= g.kh
+        && g.padded().1 >= g.kw
+        && x.len() == batch * g.in_len()
+        && w.len() == g.c_out * g.k()
+        && b.is_none_or(|b| b.len() == g.c_out)
+        && out.len() == batch * g.out_len();
+    if !available() || !fits {
+        return None;
+    }
+    let packed = pack_weights(g, w);
+    let blocks = g.c_out.div_ceil(CHANNELS);
+    // Enough work items for every thread: whole samples for a batch, blocks of output
+    // channels for a single image.
+    let threads = crate::par::threads();
+    let groups = (2 * threads).div_ceil(batch.max(1)).clamp(1, blocks.max(1));
+    let per_group = blocks.div_ceil(groups);
+    let groups = blocks.div_ceil(per_group.max(1));
+    let (oh, ow) = g.out_size();
+    let plane = oh * ow;
+    let mut items = Vec::with_capacity(batch * groups);
+    let mut rest = out;
+    for n in 0..batch {
+        for group in 0..groups {
+            let first = group * per_group;
+            let last = ((group + 1) * per_group).min(blocks);
+            let channels = (last * CHANNELS).min(g.c_out) - first * CHANNELS;
+            let (dst, tail) = rest.split_at_mut(channels * plane);
+            items.push((n, first..last, dst));
+            rest = tail;
+        }
+    }
+    crate::par::map(items, |_, (n, blocks, dst)| {
+        let sample = &x[n * g.in_len()..(n + 1) * g.in_len()];
+        let padded;
+        let input = if g.padding == 0 {
+            sample
+        } else {
+            padded = pad(g, sample);
+            &padded
+        };
+        let first = blocks.start;
+        for block in blocks {
+            let c0 = block * CHANNELS;
+            let channels = CHANNELS.min(g.c_out - c0);
+            let weights = &packed[block * g.k() * CHANNELS..(block + 1) * g.k() * CHANNELS];
+            let mut bias = [0f32; CHANNELS];
+            if let Some(b) = b {
+                bias[..channels].copy_from_slice(&b[c0..c0 + channels]);
+            }
+            let at = (c0 - first * CHANNELS) * plane;
+            let dst = &mut dst[at..at + channels * plane];
+            // SAFETY: `available()` held above, so AVX2 and FMA are present; the buffers'
+            // lengths were checked against the shape (`input`, `weights` and `dst` are
+            // this sample's padded input, this block's packed weights and its channels'
+            // output planes). The tiles cover every output value, so all of `out` is
+            // written once every block has run.
+            unsafe { block_x86(g, input, weights, &bias, channels, dst) };
+        }
+    });
+    Some(())
+}
+
+/// Weights regrouped by blocks of [`CHANNELS`] output channels, each block
+/// `[c_in][kh][kw][CHANNELS]` (zeros past the last channel), so that a tap's weights for the
+/// tile's channels lie side by side.
+fn pack_weights(g: &DirectConv, w: &[f32]) -> Vec<f32> {
+    let k = g.k();
+    let blocks = g.c_out.div_ceil(CHANNELS);
+    let mut packed = vec![0f32; blocks * k * CHANNELS];
+    for (o, row) in w.chunks_exact(k).enumerate() {
+        let (block, j) = (o / CHANNELS, o % CHANNELS);
+        for (t, &v) in row.iter().enumerate() {
+            packed[(block * k + t) * CHANNELS + j] = v;
+        }
+    }
+    packed
+}
+
+/// One sample's input with `padding` zeros around each plane.
+fn pad(g: &DirectConv, sample: &[f32]) -> Vec<f32> {
+    let (hp, wp) = g.padded();
+    let p = g.padding;
+    let mut out = vec![0f32; g.c_in * hp * wp];
+    for (plane, src) in out
+        .chunks_exact_mut(hp * wp)
+        .zip(sample.chunks_exact(g.h * g.w))
+    {
+        for (y, row) in src.chunks_exact(g.w).enumerate() {
+            let at = (y + p) * wp + p;
+            plane[at..at + g.w].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// All tiles of one block of `channels` output channels of one sample: writes every value
+/// of `dst`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `input` is the sample's (padded) input, `weights` the block's
+/// packed weights (`k · CHANNELS`) and `dst` its `channels` output planes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_x86(
+    g: &DirectConv,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32; CHANNELS],
+    channels: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    use std::arch::x86_64::*;
+    let (hp, wp) = g.padded();
+    let (oh, ow) = g.out_size();
+    debug_assert!(input.len() == g.c_in * hp * wp);
+    debug_assert!(weights.len() == g.k() * CHANNELS && dst.len() == channels * oh * ow);
+    let shape = Tile {
+        plane: hp * wp,
+        row: wp,
+        c_in: g.c_in,
+        kh: g.kh,
+        kw: g.kw,
+        out_plane: oh * ow,
+        out_row: ow,
+    };
+    for oy in (0..oh).step_by(ROWS) {
+        let rows = ROWS.min(oh - oy);
+        for ox in (0..ow).step_by(LANES) {
+            let cols = LANES.min(ow - ox);
+            // Lanes `0..cols` on (sign bit set), the rest off.
+            let lanes: [i32; LANES] = std::array::from_fn(|l| if l < cols { -1 } else { 0 });
+            let mask = _mm256_loadu_si256(lanes.as_ptr().cast());
+            let src = input.as_ptr().add(oy * wp + ox);
+            let out = dst.as_mut_ptr().cast::<f32>().add(oy * ow + ox);
+            let args = (src, weights.as_ptr(), bias, out, mask);
+            macro_rules! dispatch {
+                ($($c:literal $r:literal),*) => {
+                    match (channels, rows, cols == LANES) {
+                        $(
+                            ($c, $r, true) => tile::<$c, $r, true>(&shape, args),
+                            ($c, $r, false) => tile::<$c, $r, false>(&shape, args),
+                        )*
+                        _ => unreachable!("tiles have 1 to {CHANNELS} channels and 1 to {ROWS} rows"),
+                    }
+                };
+            }
+            dispatch!(1 1, 1 2, 1 3, 2 1, 2 2, 2 3, 3 1, 3 2, 3 3, 4 1, 4 2, 4 3);
+        }
+    }
+}
+
+/// Strides of a sample's input and output, and the kernel's extent.
+#[cfg(target_arch = "x86_64")]
+struct Tile {
+    plane: usize,
+    row: usize,
+    c_in: usize,
+    kh: usize,
+    kw: usize,
+    out_plane: usize,
+    out_row: usize,
+}
+
+/// `C` channels × `R` rows × 8 columns (the first `mask` lanes unless `FULL`) of output at
+/// `out`, reading the input from `src` (the tile's top-left input value).
+///
+/// # Safety
+/// AVX2 and FMA are present; every input value under the tile's windows and every output
+/// value of the tile (on lanes the mask keeps) is inside its buffer.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::type_complexity)]
+unsafe fn tile<const C: usize, const R: usize, const FULL: bool>(
+    t: &Tile,
+    (src, weights, bias, out, mask): (
+        *const f32,
+        *const f32,
+        &[f32; CHANNELS],
+        *mut f32,
+        std::arch::x86_64::__m256i,
+    ),
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); R]; C];
+    for (j, row) in acc.iter_mut().enumerate() {
+        *row = [_mm256_set1_ps(bias[j]); R];
+    }
+    for c in 0..t.c_in {
+        for ky in 0..t.kh {
+            let line = src.add(c * t.plane + ky * t.row);
+            let taps = weights.add((c * t.kh + ky) * t.kw * CHANNELS);
+            for kx in 0..t.kw {
+                let v: [__m256; R] = std::array::from_fn(|r| {
+                    let p = line.add(r * t.row + kx);
+                    if FULL {
+                        _mm256_loadu_ps(p)
+                    } else {
+                        _mm256_maskload_ps(p, mask)
+                    }
+                });
+                for (j, row) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_broadcast_ss(&*taps.add(kx * CHANNELS + j));
+                    for (a, &x) in row.iter_mut().zip(&v) {
+                        *a = _mm256_fmadd_ps(x, wv, *a);
+                    }
+                }
+            }
+        }
+    }
+    for (j, row) in acc.iter().enumerate() {
+        for (r, &a) in row.iter().enumerate() {
+            let p = out.add(j * t.out_plane + r * t.out_row);
+            if FULL {
+                _mm256_storeu_ps(p, a);
+            } else {
+                _mm256_maskstore_ps(p, mask, a);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_x86(
+    _g: &DirectConv,
+    _input: &[f32],
+    _weights: &[f32],
+    _bias: &[f32; CHANNELS],
+    _channels: usize,
+    _dst: &mut [MaybeUninit<f32>],
+) {
+    unreachable!("available() is false off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The convolution straight from its definition, in f64.
+    fn reference(
+        g: &DirectConv,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let (oh, ow) = g.out_size();
+        let mut out = vec![0f64; batch * g.out_len()];
+        for n in 0..batch {
+            for o in 0..g.c_out {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut s = b.map_or(0.0, |b| b[o] as f64);
+                        for c in 0..g.c_in {
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let (iy, ix) = (oy + ky, ox + kx);
+                                    let (Some(iy), Some(ix)) =
+                                        (iy.checked_sub(g.padding), ix.checked_sub(g.padding))
+                                    else {
+                                        continue;
+                                    };
+                                    if iy >= g.h || ix >= g.w {
+                                        continue;
+                                    }
+                                    let xv = x[((n * g.c_in + c) * g.h + iy) * g.w + ix];
+                                    let wv = w[((o * g.c_in + c) * g.kh + ky) * g.kw + kx];
+                                    s += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        out[((n * g.c_out + o) * oh + oy) * ow + ox] = s;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_the_definition_on_every_tile_shape() {
+        if !available() {
+            eprintln!("SKIPPED: no AVX2 + FMA on this machine, the direct kernel never runs");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // Channel counts and output sizes that leave every remainder of the 4-channel,
+        // 3-row and 8-column tiles, with and without padding and bias, batch 1 and more.
+        let cases = [
+            (1, 1, 28, 28, 6, 5, 5, 0, true),
+            (3, 2, 12, 12, 11, 5, 5, 0, true),
+            (1, 1, 5, 5, 1, 5, 5, 0, false),
+            (2, 3, 9, 13, 7, 3, 3, 1, true),
+            (1, 4, 4, 20, 9, 3, 2, 2, false),
+            (5, 2, 10, 7, 4, 1, 1, 0, true),
+            (2, 1, 6, 17, 3, 2, 3, 0, true),
+            (1, 8, 8, 8, 16, 3, 3, 1, true),
+        ];
+        for (batch, c_in, h, w, c_out, kh, kw, padding, bias) in cases {
+            let g = DirectConv {
+                c_in,
+                h,
+                w,
+                c_out,
+                kh,
+                kw,
+                padding,
+            };
+            let mut draw =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let x = draw(batch * g.in_len());
+            let wt = draw(c_out * g.k());
+            let b = draw(c_out);
+            let b = bias.then_some(b.as_slice());
+            let mut ours = vec![MaybeUninit::new(f32::NAN); batch * g.out_len()];
+            forward(&g, batch, &x, &wt, b, &mut ours).expect("the kernel runs");
+            // SAFETY: initialised (with NaN, then by the kernel).
+            let ours: Vec<f32> = ours.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let want = reference(&g, batch, &x, &wt, b);
+            assert_eq!(ours.len(), want.len(), "{g:?}");
+            for (i, (&a, &e)) in ours.iter().zip(&want).enumerate() {
+                assert!(
+                    (a as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{g:?} batch {batch}: output {i} is {a}, expected {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_buffers_are_refused() {
+        let g = DirectConv {
+            c_in: 1,
+            h: 5,
+            w: 5,
+            c_out: 2,
+            kh: 3,
+            kw: 3,
+            padding: 0,
+        };
+        let x = vec![0f32; 25];
+        let mut out = vec![MaybeUninit::new(0f32); 18];
+        assert!(forward(&g, 1, &x, &[0f32; 17], None, &mut out).is_none());
+        assert!(forward(&g, 2, &x, &[0f32; 18], None, &mut out).is_none());
+        assert!(forward(&g, 1, &x, &[0f32; 18], Some(&[0f32; 3]), &mut out).is_none());
+        assert!(forward(&g, 1, &x, &[0f32; 18], None, &mut out[..17]).is_none());
+    }
+}
