@@ -27,6 +27,8 @@ pub(crate) struct DirectConv {
     pub kh: usize,
     pub kw: usize,
     pub padding: usize,
+    /// A ReLU on the output.
+    pub relu: bool,
 }
 
 impl DirectConv {
@@ -208,6 +210,7 @@ unsafe fn block_x86(
         kw: g.kw,
         out_plane: oh * ow,
         out_row: ow,
+        relu: g.relu,
     };
     for oy in (0..oh).step_by(ROWS) {
         let rows = ROWS.min(oh - oy);
@@ -245,6 +248,7 @@ struct Tile {
     kw: usize,
     out_plane: usize,
     out_row: usize,
+    relu: bool,
 }
 
 /// `C` channels × `R` rows × 8 columns (the first `mask` lanes unless `FULL`) of output at
@@ -293,8 +297,11 @@ unsafe fn tile<const C: usize, const R: usize, const FULL: bool>(
             }
         }
     }
+    let zero = _mm256_setzero_ps();
     for (j, row) in acc.iter().enumerate() {
         for (r, &a) in row.iter().enumerate() {
+            // `max(0, a)` keeps a NaN (the second operand wins on NaN), as `relu_if` does.
+            let a = if t.relu { _mm256_max_ps(zero, a) } else { a };
             let p = out.add(j * t.out_plane + r * t.out_row);
             if FULL {
                 _mm256_storeu_ps(p, a);
@@ -355,7 +362,8 @@ mod tests {
                                 }
                             }
                         }
-                        out[((n * g.c_out + o) * oh + oy) * ow + ox] = s;
+                        out[((n * g.c_out + o) * oh + oy) * ow + ox] =
+                            if g.relu { s.max(0.0) } else { s };
                     }
                 }
             }
@@ -382,7 +390,9 @@ mod tests {
             (2, 1, 6, 17, 3, 2, 3, 0, true),
             (1, 8, 8, 8, 16, 3, 3, 1, true),
         ];
-        for (batch, c_in, h, w, c_out, kh, kw, padding, bias) in cases {
+        for (case, (batch, c_in, h, w, c_out, kh, kw, padding, bias)) in
+            cases.into_iter().enumerate()
+        {
             let g = DirectConv {
                 c_in,
                 h,
@@ -391,6 +401,7 @@ mod tests {
                 kh,
                 kw,
                 padding,
+                relu: case % 2 == 1,
             };
             let mut draw =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
@@ -423,6 +434,7 @@ mod tests {
             kh: 3,
             kw: 3,
             padding: 0,
+            relu: false,
         };
         let x = vec![0f32; 25];
         let mut out = vec![MaybeUninit::new(0f32); 18];

@@ -301,12 +301,18 @@ macro_rules! weighted_op {
                 x: &Tensor,
                 w: &Tensor,
                 b: &Tensor,
-                _res: &Tensor,
+                res: &Tensor,
                 grad: &Tensor,
             ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
                 let g = self.0;
                 let want_dx = needs_grad(x);
                 let grad = grad.contiguous()?;
+                // Through the fused ReLU first: the gradient where the output is positive.
+                let grad = if g.relu {
+                    grad.apply_op2_no_bwd(res, &ReluMaskOp(()))?
+                } else {
+                    grad
+                };
                 let all = x.apply_op3_no_bwd(w, &grad, &$backward { g, want: want_dx })?;
                 let pieces = [(true, w.shape()), (g.bias, b.shape()), (want_dx, x.shape())];
                 let mut parts = split_flat(&all, &pieces)?.into_iter();
@@ -366,6 +372,8 @@ struct ConvGeometry {
     padding: usize,
     dilation: usize,
     bias: bool,
+    /// A ReLU applied to the output in the same pass.
+    relu: bool,
 }
 
 impl ConvGeometry {
@@ -523,24 +531,23 @@ fn copy_row<T: WithDType>(dst: &mut [T], src: &[T]) {
     }
 }
 
-/// The output rows of one sample block: `out[j][o][q] = tmp[o][j·p + q] (+ bias[o])`.
+/// The output rows of one sample block: `out[j][o][q] = tmp[o][j·p + q] (+ bias[o])`, then
+/// a ReLU if `relu`.
 fn scatter_block<T: WithDType>(
     tmp: &[T],
     out: &mut [T],
     (o, p, b): (usize, usize, usize),
     bias: Option<&[T]>,
+    relu: bool,
 ) {
     for j in 0..b {
         for oc in 0..o {
             let src = &tmp[oc * b * p + j * p..oc * b * p + (j + 1) * p];
             let dst = &mut out[(j * o + oc) * p..(j * o + oc + 1) * p];
-            match bias {
-                Some(bias) => dst
-                    .iter_mut()
-                    .zip(src)
-                    .for_each(|(d, &v)| *d = v + bias[oc]),
-                None => dst.copy_from_slice(src),
-            }
+            let b = bias.map_or(T::zero(), |b| b[oc]);
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(d, &v)| *d = relu_if(relu, v + b));
         }
     }
 }
@@ -594,9 +601,12 @@ fn conv_forward<T: WithDType>(
                     }
                 }
                 matmul((o, p, k), y, b.is_some(), lhs, (&cols, p, 1), !outer)?;
+                if g.relu {
+                    y.iter_mut().for_each(|v| *v = relu_if(true, *v));
+                }
             } else {
                 matmul((o, ld, k), &mut tmp, false, lhs, (&cols, ld, 1), !outer)?;
-                scatter_block(&tmp, y, (o, p, nb), b);
+                scatter_block(&tmp, y, (o, p, nb), b, g.relu);
             }
         }
         Ok(())
@@ -633,6 +643,7 @@ fn direct_forward<T: WithDType>(
         kh: g.kh,
         kw: g.kw,
         padding: g.padding,
+        relu: g.relu,
     };
     crate::conv_direct::forward(&shape, g.batch, f32s(x), f32s(w), b.map(f32s), out)
 }
@@ -719,6 +730,35 @@ fn conv_backward<T: WithDType>(
     Ok(dw)
 }
 
+/// `grad` where the (ReLU'd) output `res` is positive, 0 elsewhere: the gradient through a
+/// ReLU fused into the op before it.
+#[derive(Debug, Clone, Copy)]
+struct ReluMaskOp(());
+
+fn relu_mask<T: WithDType>(_: &(), grad: &[T], res: &[T]) -> Result<Vec<T>> {
+    if grad.len() != res.len() {
+        candle::bail!("ops: a ReLU's gradient and output differ in size");
+    }
+    let mut out = grad.to_vec();
+    for_each_row(&mut out, DS_BLOCK_VALUES, |n, chunk| {
+        let res = &res[n * DS_BLOCK_VALUES..];
+        for (g, &r) in chunk.iter_mut().zip(res) {
+            if !live(true, r) {
+                *g = T::zero();
+            }
+        }
+    });
+    Ok(out)
+}
+
+impl CustomOp2 for ReluMaskOp {
+    fn name(&self) -> &'static str {
+        "sbp-relu-mask"
+    }
+
+    same_shape_cpu_fwd!((), relu_mask);
+}
+
 /// The convolution as a custom op over `(x, w, b)` (`b` a dummy when there is no bias).
 #[derive(Debug, Clone, Copy)]
 struct Conv2dOp(ConvGeometry);
@@ -747,6 +787,31 @@ pub fn conv2d(
     dilation: usize,
     groups: usize,
 ) -> Result<Tensor> {
+    conv2d_impl(x, w, b, (padding, stride, dilation, groups), false)
+}
+
+/// `relu(conv2d(…))`: the same convolution as [`conv2d`] with a ReLU applied in the same
+/// pass on the CPU (and its gradient taken inside the convolution's backward), which saves
+/// the ReLU's own passes over the output; elsewhere candle's `conv2d` then `relu`.
+pub fn conv2d_relu(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    conv2d_impl(x, w, b, (padding, stride, dilation, groups), true)
+}
+
+fn conv2d_impl(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    relu: bool,
+) -> Result<Tensor> {
     let mut args = vec![x, w];
     args.extend(b);
     if stride == 0 {
@@ -754,10 +819,11 @@ pub fn conv2d(
     }
     if groups != 1 || x.rank() != 4 || w.rank() != 4 || !fast_path(&args) {
         let y = x.conv2d(w, padding, stride, dilation.max(1), groups)?;
-        return match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-            None => Ok(y),
+        let y = match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+            None => y,
         };
+        return if relu { y.relu() } else { Ok(y) };
     }
     let (batch, c_in, h, wd) = x.dims4()?;
     let (c_out, c_w, kh, kw) = w.dims4()?;
@@ -797,6 +863,7 @@ pub fn conv2d(
         padding,
         dilation,
         bias: b.is_some(),
+        relu,
     };
     apply_weighted(x, w, b, Conv2dOp(g))
 }
@@ -824,6 +891,8 @@ struct LinearGeometry {
     inputs: usize,
     outputs: usize,
     bias: bool,
+    /// A ReLU applied to the output in the same pass.
+    relu: bool,
 }
 
 /// The linear layer `y = x·wᵀ + b` as a custom op over `(x, w, b)`.
@@ -842,6 +911,11 @@ fn linear_forward<T: WithDType>(
     matmul((n, o, i), &mut y, false, (x, i, 1), (w, 1, i), true)?;
     if let Some(b) = b {
         add_to_rows(&mut y, b);
+    }
+    if g.relu {
+        for_each_row(&mut y, o, |_, row| {
+            row.iter_mut().for_each(|v| *v = relu_if(true, *v))
+        });
     }
     Ok(y)
 }
@@ -887,6 +961,16 @@ flat_backward_op!(LinearBackwardOp, "sbp-linear-backward", linear_backward);
 /// backward pass, which skips `x`'s gradient when nothing needs it; elsewhere (and for
 /// inputs of another rank) it is candle's matmul.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, w, b, false)
+}
+
+/// `relu(linear(…))`: [`linear`] with a ReLU applied in the same op on the CPU (and its
+/// gradient taken inside the layer's backward); elsewhere candle's matmul then `relu`.
+pub fn linear_relu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, w, b, true)
+}
+
+fn linear_impl(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     let mut args = vec![x, w];
     args.extend(b);
     let shapes_fit = x.rank() == 2
@@ -895,16 +979,18 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         && b.is_none_or(|b| b.dims() == [w.dim(0).unwrap_or(0)]);
     if !shapes_fit || !fast_path(&args) {
         let y = x.broadcast_matmul(&w.t()?)?;
-        return match b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let y = match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
         };
+        return if relu { y.relu() } else { Ok(y) };
     }
     let g = LinearGeometry {
         batch: x.dim(0)?,
         inputs: x.dim(1)?,
         outputs: w.dim(0)?,
         bias: b.is_some(),
+        relu,
     };
     apply_weighted(x, w, b, LinearOp(g))
 }
@@ -2122,6 +2208,7 @@ pub(crate) fn noise_linear(
         inputs: x.dim(1)?,
         outputs: w.dim(0)?,
         bias: false,
+        relu: false,
     };
     let op = NoiseLinearOp {
         x: x.contiguous()?,

@@ -132,6 +132,7 @@ proptest! {
         padding in 0usize..3,
         dilation in 1usize..3,
         bias in any::<bool>(),
+        relu in any::<bool>(),
         f64_ in any::<bool>(),
     ) {
         let span = dilation * (k - 1) + 1;
@@ -144,15 +145,17 @@ proptest! {
         let x = Var::from_tensor(&random(&mut rng, &[batch, c_in, size, width], dtype)).unwrap();
         let w = Var::from_tensor(&random(&mut rng, &[c_out, c_in, k, k], dtype)).unwrap();
         let b = Var::from_tensor(&random(&mut rng, &[c_out], dtype)).unwrap();
-        let what = format!("conv2d {batch}×{c_in}×{size} → {c_out}, k{k} s{stride} p{padding} d{dilation}");
+        let what = format!("conv2d {batch}×{c_in}×{size} → {c_out}, k{k} s{stride} p{padding} d{dilation} relu {relu}");
         let bias_of = |b: &Var| bias.then(|| b.as_tensor().clone());
-        let ours = || ops::conv2d(x.as_tensor(), w.as_tensor(), bias_of(&b).as_ref(), padding, stride, dilation, 1).unwrap();
+        let conv = if relu { ops::conv2d_relu } else { ops::conv2d };
+        let ours = || conv(x.as_tensor(), w.as_tensor(), bias_of(&b).as_ref(), padding, stride, dilation, 1).unwrap();
         let reference = || {
             let y = x.as_tensor().conv2d(w.as_tensor(), padding, stride, dilation, 1).unwrap();
-            match bias_of(&b) {
+            let y = match bias_of(&b) {
                 Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap()).unwrap(),
                 None => y,
-            }
+            };
+            if relu { y.relu().unwrap() } else { y }
         };
         let mut vars = vec![&x, &w];
         if bias {
@@ -168,6 +171,7 @@ proptest! {
         inputs in 1usize..40,
         outputs in 1usize..30,
         bias in any::<bool>(),
+        relu in any::<bool>(),
         f64_ in any::<bool>(),
     ) {
         let dtype = if f64_ { DType::F64 } else { DType::F32 };
@@ -176,16 +180,19 @@ proptest! {
         let w = Var::from_tensor(&random(&mut rng, &[outputs, inputs], dtype)).unwrap();
         let b = Var::from_tensor(&random(&mut rng, &[outputs], dtype)).unwrap();
         let bias_of = |b: &Var| bias.then(|| b.as_tensor().clone());
-        let ours = || ops::linear(x.as_tensor(), w.as_tensor(), bias_of(&b).as_ref()).unwrap();
+        let linear = if relu { ops::linear_relu } else { ops::linear };
+        let ours = || linear(x.as_tensor(), w.as_tensor(), bias_of(&b).as_ref()).unwrap();
         let reference = || {
             let l = candle_nn::Linear::new(w.as_tensor().clone(), bias_of(&b));
-            candle::Module::forward(&l, x.as_tensor()).unwrap()
+            let y = candle::Module::forward(&l, x.as_tensor()).unwrap();
+            if relu { y.relu().unwrap() } else { y }
         };
         let mut vars = vec![&x, &w];
         if bias {
             vars.push(&b);
         }
-        check(&vars, ours, reference, dtype, &format!("linear {batch}×{inputs} → {outputs}"));
+        let what = format!("linear {batch}×{inputs} → {outputs} relu {relu}");
+        check(&vars, ours, reference, dtype, &what);
     }
 
     #[test]
@@ -385,11 +392,13 @@ fn grouped_convolutions_fall_back_to_candle() {
     assert_eq!(relative_error(&reference, &ours), 0.0);
 }
 
-/// Fused ops in training: a noise layer on the input of a linear layer (no gradient for
-/// the input, `dθ` from the weight gradient), and noise layers next to a ReLU (one pass).
-/// Tapping every node keeps all layers apart. Same draws, same loss, same gradients for
-/// every parameter, on the MLP (input noise, ReLU → noise) and on LeNet5 (conv → noise →
-/// ReLU, flatten → noise → linear).
+/// Fused ops: in training a noise layer on the input of a linear layer (no gradient for
+/// the input, `dθ` from the weight gradient) and noise layers next to a ReLU (one pass);
+/// in training and evaluation a convolution or linear layer and the ReLU after it. Tapping
+/// every node keeps all layers apart. Same draws, same loss, same gradients for every
+/// parameter, on the MLP (input noise, linear → ReLU → noise) and on LeNet5 (conv → noise
+/// → ReLU, flatten → noise → linear), with and without noise layers; same outputs in
+/// evaluation.
 #[test]
 fn fused_layers_match_the_unfused_layers() {
     type Build = fn(
@@ -400,48 +409,57 @@ fn fused_layers_match_the_unfused_layers() {
         ("model A", candle_sbp::models::dropnet_model_a),
         ("lenet5", candle_sbp::models::lenet5_caffe),
     ];
-    for (model, build) in models {
-        for dtype in [DType::F64, DType::F32] {
-            let varmap = candle_nn::VarMap::new();
-            let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
-            let config = candle_sbp::LogNormalDropoutConfig {
-                mu_init: 0.3,
-                log_sigma_init: -1.0,
-                ..Default::default()
+    let cases = models
+        .into_iter()
+        .flat_map(|m| [DType::F64, DType::F32].map(|d| (m, d)))
+        .flat_map(|c| [true, false].map(|sbp| (c, sbp)));
+    for (((model, build), dtype), sbp) in cases {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+        let config = candle_sbp::LogNormalDropoutConfig {
+            mu_init: 0.3,
+            log_sigma_init: -1.0,
+            ..Default::default()
+        };
+        let net = build(sbp.then_some(config), vb).unwrap();
+        let model = format!("{model} (noise layers: {sbp})");
+        net.reset_parameters(4).unwrap();
+        let every_node: Vec<usize> = (0..net.spec().nodes.len()).collect();
+        let mut rng = StdRng::seed_from_u64(9);
+        let x = random(&mut rng, &[6, 1, 28, 28], dtype);
+        let grads = |taps: &[usize]| {
+            net.reseed(11);
+            let (y, _) = net.forward_with(&x, true, taps).unwrap();
+            let loss = probe(&y, 3);
+            let value = loss
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            (value, loss.backward().unwrap())
+        };
+        let (fused_loss, fused) = grads(&[]);
+        let (plain_loss, plain) = grads(&every_node);
+        let tol = gradient_tolerance(dtype);
+        let eval = |taps: &[usize]| net.forward_with(&x, false, taps).unwrap().0;
+        let err = relative_error(&eval(&[]), &eval(&every_node));
+        assert!(
+            err < tol,
+            "{model} {dtype:?}: evaluation differs by {err:e}"
+        );
+        assert!(
+            (fused_loss - plain_loss).abs() <= tol * plain_loss.abs().max(1.0),
+            "{model} {dtype:?}: loss {fused_loss} against {plain_loss}"
+        );
+        for (name, p) in net.named_params() {
+            let (Some(a), Some(b)) = (plain.get(&p), fused.get(&p)) else {
+                panic!("{model} {dtype:?}: {name} has a gradient on one path only");
             };
-            let net = build(Some(config), vb).unwrap();
-            net.reset_parameters(4).unwrap();
-            let every_node: Vec<usize> = (0..net.spec().nodes.len()).collect();
-            let mut rng = StdRng::seed_from_u64(9);
-            let x = random(&mut rng, &[6, 1, 28, 28], dtype);
-            let grads = |taps: &[usize]| {
-                net.reseed(11);
-                let (y, _) = net.forward_with(&x, true, taps).unwrap();
-                let loss = probe(&y, 3);
-                let value = loss
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                (value, loss.backward().unwrap())
-            };
-            let (fused_loss, fused) = grads(&[]);
-            let (plain_loss, plain) = grads(&every_node);
-            let tol = gradient_tolerance(dtype);
+            let err = relative_error(a, b);
             assert!(
-                (fused_loss - plain_loss).abs() <= tol * plain_loss.abs().max(1.0),
-                "{model} {dtype:?}: loss {fused_loss} against {plain_loss}"
+                err < tol,
+                "{model} {dtype:?}: gradient of {name} differs by {err:e}"
             );
-            for (name, p) in net.named_params() {
-                let (Some(a), Some(b)) = (plain.get(&p), fused.get(&p)) else {
-                    panic!("{model} {dtype:?}: {name} has a gradient on one path only");
-                };
-                let err = relative_error(a, b);
-                assert!(
-                    err < tol,
-                    "{model} {dtype:?}: gradient of {name} differs by {err:e}"
-                );
-            }
         }
     }
 }

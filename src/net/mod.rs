@@ -542,11 +542,12 @@ impl Net {
     }
 
     /// Whether node `i` may leave its work to its only consumer, which then does both in
-    /// one fused op: a noise layer followed by a linear layer (see
+    /// one fused op: a convolution or linear layer followed by a ReLU (in training and
+    /// evaluation); in training also a noise layer followed by a linear layer (see
     /// [`LogNormalDropout::forward_into_linear`]) or a ReLU, or a ReLU followed by a noise
-    /// layer. Only in training, and only for an unmasked, untapped node.
+    /// layer. Only for an unmasked, untapped node.
     fn defers(&self, i: usize, train: bool, taps: &[usize]) -> bool {
-        if !train || self.masks[i].is_some() || taps.contains(&i) {
+        if self.masks[i].is_some() || taps.contains(&i) {
             return false;
         }
         let Some(j) = self.sole_consumer[i] else {
@@ -560,6 +561,13 @@ impl Net {
                 }
             )
         };
+        let weighted = matches!(self.spec.nodes[i].op, Op::Conv2d { .. } | Op::Linear { .. });
+        if weighted && relu(j) {
+            return true;
+        }
+        if !train {
+            return false;
+        }
         match (&self.nodes[i], &self.nodes[j]) {
             (NodeImpl::Noise(layer), NodeImpl::Linear(_)) => {
                 layer.config().noise == crate::layer::NoiseMode::SharedPerBatch
@@ -573,6 +581,26 @@ impl Net {
     /// Deferred node `k` and its consumer `i` on `x` (`k`'s input), fused where a kernel
     /// applies.
     fn fused(&self, k: usize, i: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+        match (&self.spec.nodes[k].op, &self.nodes[k]) {
+            (
+                &Op::Conv2d {
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    ..
+                },
+                NodeImpl::Conv { weight, bias },
+            ) => {
+                let b = bias.as_ref();
+                let (p, s, d, g) = (padding, stride, dilation, groups);
+                return Ok(crate::ops::conv2d_relu(x, weight, b, p, s, d, g)?);
+            }
+            (Op::Linear { .. }, NodeImpl::Linear(l)) => {
+                return Ok(crate::ops::linear_relu(x, l.weight(), l.bias())?);
+            }
+            _ => {}
+        }
         match (&self.nodes[k], &self.nodes[i]) {
             (NodeImpl::Noise(layer), NodeImpl::Linear(l)) => {
                 if let Some(y) = layer.forward_into_linear(x, train, l.weight(), l.bias())? {
