@@ -449,17 +449,49 @@ impl LogNormalDropout {
         Ok(Tensor::from_vec(values, n, self.mu.device())?)
     }
 
+    /// Whether the layer's `θ` can be multiplied into the weights of the layer before it in
+    /// training ([`shared_theta`](Self::shared_theta)): one draw shared by the batch, on
+    /// the channel axis 1.
+    pub(crate) fn foldable(&self) -> bool {
+        self.config.noise == NoiseMode::SharedPerBatch && self.config.axis == 1
+    }
+
+    /// In training, for a [`foldable`](Self::foldable) layer: the step's draw of `θ`
+    /// `(units,)`, differentiable in `μ` and `log σ`. A convolution or linear layer whose
+    /// weights and bias are multiplied by it per output unit gives this layer's output
+    /// on its own output, in one op and with no pass over the activations.
+    pub(crate) fn shared_theta(&self) -> Result<Tensor> {
+        if !self.foldable() {
+            return Err(Error::InvalidConfig {
+                layer: self.name.clone(),
+                reason: "only a draw shared by the batch on axis 1 folds into weights".into(),
+            });
+        }
+        let (log_theta, g_mu, g_ls, rows) = self.draw_rows(1)?;
+        if crate::ops::surrogate_applies(&self.mu, &self.log_sigma) {
+            let draw = theta_draw(&log_theta, &g_mu, &g_ls, rows);
+            return Ok(crate::ops::noise_theta(&self.mu, &self.log_sigma, draw)?);
+        }
+        self.theta_tensor(log_theta, &g_mu, &g_ls, rows)
+    }
+
     /// One step's draw on the host: `log θ` and its derivatives with respect to `μ` and
     /// `log σ`, row-major `(rows, units)`, and `rows` (1 when shared by the batch).
     #[allow(clippy::type_complexity)]
     fn draw(&self, xs: &Tensor) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> {
-        let (mu, log_sigma) = self.host_params()?;
-        let params = self.clamp(&mu, &log_sigma)?;
-        let units = params.len();
         let rows = match self.config.noise {
             NoiseMode::SharedPerBatch => 1,
             NoiseMode::PerExample => xs.dim(0)?,
         };
+        self.draw_rows(rows)
+    }
+
+    /// [`draw`](Self::draw) for `rows` rows of units.
+    #[allow(clippy::type_complexity)]
+    fn draw_rows(&self, rows: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> {
+        let (mu, log_sigma) = self.host_params()?;
+        let params = self.clamp(&mu, &log_sigma)?;
+        let units = params.len();
         let n = rows * units;
         // The uniforms in stream order, then the (costlier) transforms in parallel: the
         // same values on any number of threads.

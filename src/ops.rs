@@ -648,14 +648,15 @@ fn direct_forward<T: WithDType>(
     crate::conv_direct::forward(&shape, g.batch, f32s(x), f32s(w), b.map(f32s), out)
 }
 
-/// Whether the direct kernel beats im2col + GEMM on this convolution: with few output
-/// channels or a short kernel, where building the im2col matrix costs most, and only on
-/// rows of at least one vector (8 columns). Measured at batch 100 (direct vs im2col):
-/// LeNet5's 1→20 5×5 convolution 0.44 vs 0.90 ms and its pruned 6→11 one 0.15 vs 0.27 ms;
-/// VGG's 3→64 3×3 at 32×32 2.7 vs 4.4 ms; but 20→30 3×3 at 16×16 3.9 vs 2.6 ms, 128→128
-/// at 16×16 61 vs 50 ms and 512→512 at 4×4 127 vs 47 ms.
+/// Whether the direct kernel beats im2col + GEMM on this convolution: up to 64 output
+/// channels or with a short kernel, where building the im2col matrix costs most, and only
+/// on rows of at least one vector (8 columns). Measured at batch 100, direct against
+/// im2col: LeNet5's 1→20 5×5 convolution 0.44 against 0.90 ms, its 20→50 one 2.34 against
+/// 2.53 ms, a pruned 6→11 one 0.15 against 0.27 ms; VGG's 3→64 3×3 at 32×32 2.6 against
+/// 4.7 ms, 64→64 at 32×32 60 against 63 ms; but 64→128 at 16×16 31 against 27 ms and
+/// 256→256 at 8×8 57 against 47 ms.
 fn prefers_direct(g: &ConvGeometry) -> bool {
-    g.ow >= 8 && (g.c_out <= 16 || g.k() <= 64)
+    g.ow >= 8 && (g.c_out <= 64 || g.k() <= 64)
 }
 
 /// `[dw (c_out·k), db (c_out, with a bias), dx (input size, if wanted)]` in one buffer.
@@ -1993,6 +1994,76 @@ impl CustomOp2 for SurrogateOp {
             scaled(&self.g_log_sigma, log_sigma)?,
         ))
     }
+}
+
+/// The drawn `θ` `(units,)` of a draw shared by the batch as a custom op over `(μ, log σ)`:
+/// the forward pass gives `θ`, the backward pass `grad·∂θ/∂μ` and `grad·∂θ/∂log σ`.
+#[derive(Debug, Clone)]
+struct ThetaOp {
+    draw: std::sync::Arc<NoiseDraw>,
+}
+
+impl CustomOp2 for ThetaOp {
+    fn name(&self) -> &'static str {
+        "sbp-theta"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let theta = &self.draw.theta;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(theta.iter().map(|&v| v as f32).collect()),
+            CpuStorage::F64(_) => CpuStorage::F64(theta.clone()),
+            other => candle::bail!("theta: no CPU kernel for {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from(theta.len())))
+    }
+
+    fn bwd(
+        &self,
+        mu: &Tensor,
+        log_sigma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
+        let times = |d: &[f64], like: &Tensor| -> Result<Option<Tensor>> {
+            if !needs_grad(like) {
+                return Ok(None);
+            }
+            let v: Vec<f64> = g.iter().zip(d).map(|(g, d)| g * d).collect();
+            Ok(Some(
+                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())?,
+            ))
+        };
+        Ok((
+            times(&self.draw.d_mu, mu)?,
+            times(&self.draw.d_log_sigma, log_sigma)?,
+        ))
+    }
+}
+
+/// The drawn `θ` of a draw shared by the batch (`draw.rows == 1`) as a tensor shaped like
+/// `mu`, with gradients flowing to `mu` and `log_sigma` (CPU, f32/f64: see
+/// [`surrogate_applies`]).
+pub(crate) fn noise_theta(mu: &Tensor, log_sigma: &Tensor, draw: NoiseDraw) -> Result<Tensor> {
+    let units = mu.elem_count();
+    if !surrogate_applies(mu, log_sigma)
+        || mu.rank() != 1
+        || draw.rows != 1
+        || [draw.theta.len(), draw.d_mu.len(), draw.d_log_sigma.len()] != [units; 3]
+    {
+        candle::bail!("theta: no kernel for parameters {:?}", mu.dims());
+    }
+    let op = ThetaOp {
+        draw: std::sync::Arc::new(draw),
+    };
+    mu.apply_op2(log_sigma, op)
 }
 
 /// Whether [`surrogate_scalar`] has a kernel for these parameters (CPU, f32/f64).

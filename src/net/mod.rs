@@ -492,7 +492,8 @@ impl Net {
         }
         let mut values: Vec<Option<Tensor>> = vec![None; n];
         let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
-        let mut deferred = vec![false; n];
+        // Per postponed node: the chain of postponed nodes ending with it (see `defers`).
+        let mut deferred: Vec<Option<Vec<usize>>> = vec![None; n];
         for i in 0..n {
             let out = {
                 let ins: Vec<&Tensor> = self.spec.nodes[i]
@@ -504,15 +505,22 @@ impl Net {
                             .expect("inputs are computed and kept until last use")
                     })
                     .collect();
-                let deferred_input = self.spec.nodes[i].inputs.first().filter(|&&k| deferred[k]);
+                let chain = self.spec.nodes[i]
+                    .inputs
+                    .first()
+                    .and_then(|&k| deferred[k].take());
                 let out = if i == 0 {
                     xs.to_dtype(self.dtype)?
-                } else if let Some(&k) = deferred_input {
-                    self.fused(k, i, ins[0], train)?
-                } else if self.defers(i, train, taps) {
-                    // Held back for its consumer to apply in one fused op.
-                    deferred[i] = true;
+                } else if self.defers(i, train, taps, want[0]) {
+                    // Held back for its consumer to apply with it; it passes on the input
+                    // of its chain.
+                    let mut chain = chain.unwrap_or_default();
+                    chain.push(i);
+                    deferred[i] = Some(chain);
                     ins[0].clone()
+                } else if let Some(mut chain) = chain {
+                    chain.push(i);
+                    self.run_chain(&chain, ins[0], train)?
                 } else {
                     self.apply(i, &ins, train)?
                 };
@@ -541,28 +549,20 @@ impl Net {
         ))
     }
 
-    /// Whether node `i` may leave its work to its only consumer, which then does both in
-    /// one fused op: a convolution or linear layer followed by a ReLU (in training and
-    /// evaluation); in training also a noise layer followed by a linear layer (see
-    /// [`LogNormalDropout::forward_into_linear`]) or a ReLU, or a ReLU followed by a noise
-    /// layer. Only for an unmasked, untapped node.
-    fn defers(&self, i: usize, train: bool, taps: &[usize]) -> bool {
+    /// Whether node `i` may leave its work to its only consumer, which then runs the chain
+    /// of such nodes ending with it ([`run_chain`](Self::run_chain)): a convolution or
+    /// linear layer followed by a ReLU; in training also a convolution or linear layer
+    /// followed by a noise layer that folds into its weights, a noise layer followed by a
+    /// linear layer (see [`LogNormalDropout::forward_into_linear`]) or a ReLU, and a ReLU
+    /// followed by a noise layer. Only for an unmasked, untapped node.
+    fn defers(&self, i: usize, train: bool, taps: &[usize], batch: usize) -> bool {
         if self.masks[i].is_some() || taps.contains(&i) {
             return false;
         }
         let Some(j) = self.sole_consumer[i] else {
             return false;
         };
-        let relu = |k: usize| {
-            matches!(
-                self.spec.nodes[k].op,
-                Op::Activation {
-                    f: Activation::Relu
-                }
-            )
-        };
-        let weighted = matches!(self.spec.nodes[i].op, Op::Conv2d { .. } | Op::Linear { .. });
-        if weighted && relu(j) {
+        if self.weighted(i) && (self.relu(j) || self.folds(i, j, train, batch)) {
             return true;
         }
         if !train {
@@ -572,15 +572,118 @@ impl Net {
             (NodeImpl::Noise(layer), NodeImpl::Linear(_)) => {
                 layer.config().noise == crate::layer::NoiseMode::SharedPerBatch
             }
-            (NodeImpl::Noise(_), _) => relu(j),
-            (_, NodeImpl::Noise(_)) => relu(i),
+            (NodeImpl::Noise(_), _) => self.relu(j),
+            (_, NodeImpl::Noise(_)) => self.relu(i),
             _ => false,
         }
     }
 
-    /// Deferred node `k` and its consumer `i` on `x` (`k`'s input), fused where a kernel
-    /// applies.
-    fn fused(&self, k: usize, i: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn relu(&self, k: usize) -> bool {
+        matches!(
+            self.spec.nodes[k].op,
+            Op::Activation {
+                f: Activation::Relu
+            }
+        )
+    }
+
+    fn weighted(&self, k: usize) -> bool {
+        matches!(
+            (&self.spec.nodes[k].op, &self.nodes[k]),
+            (Op::Conv2d { .. }, NodeImpl::Conv { .. }) | (Op::Linear { .. }, NodeImpl::Linear(_))
+        )
+    }
+
+    /// Whether noise node `n` folds into the weights of layer `w` before it: in training,
+    /// for a draw shared by the batch, and where the weights are no larger than the layer's
+    /// output (scaling them, and their gradient, must cost less than scaling the output:
+    /// not so for LeNet5's first linear layer, 400k weights for 500 outputs a sample).
+    fn folds(&self, w: usize, n: usize, train: bool, batch: usize) -> bool {
+        let small = |weight: &Tensor| {
+            weight.elem_count() <= self.shapes[w].dims(batch).iter().product::<usize>()
+        };
+        let weight = match &self.nodes[w] {
+            NodeImpl::Conv { weight, .. } => weight,
+            NodeImpl::Linear(l) => l.weight(),
+            _ => return false,
+        };
+        train && small(weight) && matches!(&self.nodes[n], NodeImpl::Noise(l) if l.foldable())
+    }
+
+    /// Runs the postponed nodes `chain` (each the sole consumer of the one before, the last
+    /// one not postponed) on `x`, the first one's input, in fused ops where they apply.
+    fn run_chain(&self, chain: &[usize], x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = x.clone();
+        let mut rest = chain;
+        while !rest.is_empty() {
+            let (y, used) = self.fused_front(rest, &x, train)?;
+            x = y;
+            rest = &rest[used..];
+        }
+        Ok(x)
+    }
+
+    /// The output of the first nodes of `chain` on `x`, taken together in the largest
+    /// fused op that applies, and how many nodes it took.
+    fn fused_front(&self, chain: &[usize], x: &Tensor, train: bool) -> Result<(Tensor, usize)> {
+        let k = chain[0];
+        let (next, after) = (chain.get(1).copied(), chain.get(2).copied());
+        let relu = |n: Option<usize>| n.is_some_and(|n| self.relu(n));
+        let batch = x.dim(0)?;
+        let folds = |n: Option<usize>| n.is_some_and(|n| self.folds(k, n, train, batch));
+        if self.weighted(k) {
+            // θ·relu(z) = relu(θ·z) as θ > 0, so the noise folds on either side of the ReLU.
+            let (noise, with_relu, used) = if folds(next) && relu(after) {
+                (next, true, 3)
+            } else if relu(next) && folds(after) {
+                (after, true, 3)
+            } else if folds(next) {
+                (next, false, 2)
+            } else {
+                (None, relu(next), if relu(next) { 2 } else { 1 })
+            };
+            let theta = match noise.map(|n| &self.nodes[n]) {
+                Some(NodeImpl::Noise(layer)) => Some(layer.shared_theta()?),
+                _ => None,
+            };
+            return Ok((self.weighted_layer(k, x, theta.as_ref(), with_relu)?, used));
+        }
+        if let (NodeImpl::Noise(layer), Some(j)) = (&self.nodes[k], next) {
+            if let NodeImpl::Linear(l) = &self.nodes[j] {
+                if let Some(y) = layer.forward_into_linear(x, train, l.weight(), l.bias())? {
+                    return Ok((y, 2));
+                }
+            }
+            if self.relu(j) {
+                return Ok((layer.forward_relu(x, train)?, 2));
+            }
+        }
+        if let (true, Some(NodeImpl::Noise(layer))) = (self.relu(k), next.map(|j| &self.nodes[j])) {
+            return Ok((layer.forward_relu(x, train)?, 2));
+        }
+        Ok((self.apply(k, &[x], train)?, 1))
+    }
+
+    /// Convolution or linear node `k` on `x`, with its weights and bias multiplied by `θ`
+    /// per output unit where given, and a ReLU in the same op where `relu`.
+    fn weighted_layer(
+        &self,
+        k: usize,
+        x: &Tensor,
+        theta: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let scaled = |w: &Tensor, b: Option<&Tensor>| -> Result<(Tensor, Option<Tensor>)> {
+            let Some(t) = theta else {
+                return Ok((w.clone(), b.cloned()));
+            };
+            let mut per_unit = vec![1; w.rank()];
+            per_unit[0] = t.elem_count();
+            let w = w.broadcast_mul(&t.reshape(per_unit)?)?;
+            let b = b.map(|b| b.mul(t)).transpose()?;
+            Ok((w, b))
+        };
+        let name = &self.spec.nodes[k].name;
         match (&self.spec.nodes[k].op, &self.nodes[k]) {
             (
                 &Op::Conv2d {
@@ -592,30 +695,25 @@ impl Net {
                 },
                 NodeImpl::Conv { weight, bias },
             ) => {
-                let b = bias.as_ref();
+                let (w, b) = scaled(weight, bias.as_ref())?;
                 let (p, s, d, g) = (padding, stride, dilation, groups);
-                return Ok(crate::ops::conv2d_relu(x, weight, b, p, s, d, g)?);
+                let conv = if relu {
+                    crate::ops::conv2d_relu
+                } else {
+                    crate::ops::conv2d
+                };
+                Ok(conv(x, &w, b.as_ref(), p, s, d, g)?)
             }
             (Op::Linear { .. }, NodeImpl::Linear(l)) => {
-                return Ok(crate::ops::linear_relu(x, l.weight(), l.bias())?);
+                let (w, b) = scaled(l.weight(), l.bias())?;
+                let linear = if relu {
+                    crate::ops::linear_relu
+                } else {
+                    crate::ops::linear
+                };
+                Ok(linear(x, &w, b.as_ref())?)
             }
-            _ => {}
-        }
-        match (&self.nodes[k], &self.nodes[i]) {
-            (NodeImpl::Noise(layer), NodeImpl::Linear(l)) => {
-                if let Some(y) = layer.forward_into_linear(x, train, l.weight(), l.bias())? {
-                    return Ok(y);
-                }
-                let z = layer.forward_t(x, train)?;
-                Ok(crate::ops::linear(&z, l.weight(), l.bias())?)
-            }
-            (NodeImpl::Noise(layer), _) | (_, NodeImpl::Noise(layer)) => {
-                layer.forward_relu(x, train)
-            }
-            _ => Err(graph(
-                &self.spec.nodes[i].name,
-                "internal: no fused kernel for a deferred node".to_string(),
-            )),
+            _ => Err(graph(name, "internal: not a weighted layer".to_string())),
         }
     }
 
