@@ -29,6 +29,8 @@ pub(crate) struct DirectConv {
     pub padding: usize,
     /// A ReLU on the output.
     pub relu: bool,
+    /// Then 2×2 max-pooling with stride 2 (a last odd row or column is dropped).
+    pub pool: bool,
 }
 
 impl DirectConv {
@@ -36,19 +38,29 @@ impl DirectConv {
         (self.h + 2 * self.padding, self.w + 2 * self.padding)
     }
 
-    /// Output height and width.
-    pub fn out_size(&self) -> (usize, usize) {
+    /// The convolution's output height and width.
+    pub fn conv_size(&self) -> (usize, usize) {
         let (hp, wp) = self.padded();
         (hp + 1 - self.kh, wp + 1 - self.kw)
     }
 
-    fn in_len(&self) -> usize {
-        self.c_in * self.h * self.w
+    /// Output height and width (after the pooling, with `pool`).
+    pub fn out_size(&self) -> (usize, usize) {
+        let (oh, ow) = self.conv_size();
+        if self.pool {
+            (oh / 2, ow / 2)
+        } else {
+            (oh, ow)
+        }
     }
 
-    fn out_len(&self) -> usize {
+    pub fn out_len(&self) -> usize {
         let (oh, ow) = self.out_size();
         self.c_out * oh * ow
+    }
+
+    fn in_len(&self) -> usize {
+        self.c_in * self.h * self.w
     }
 
     fn k(&self) -> usize {
@@ -88,6 +100,7 @@ pub(crate) fn forward(
         && g.kw >= 1
         && g.padded().0 >= g.kh
         && g.padded().1 >= g.kw
+        && (!g.pool || (g.conv_size().0 >= 2 && g.conv_size().1 >= 2))
         && x.len() == batch * g.in_len()
         && w.len() == g.c_out * g.k()
         && b.is_none_or(|b| b.len() == g.c_out)
@@ -212,6 +225,31 @@ unsafe fn block_x86(
         out_row: ow,
         relu: g.relu,
     };
+    if g.pool {
+        // Two convolution rows and 8 columns a tile make one pooled row of 4 values.
+        for py in 0..oh {
+            for ox in (0..2 * ow).step_by(LANES) {
+                let cols = LANES.min(2 * ow - ox);
+                let lanes: [i32; LANES] = std::array::from_fn(|l| if l < cols { -1 } else { 0 });
+                let mask = _mm256_loadu_si256(lanes.as_ptr().cast());
+                let src = input.as_ptr().add(2 * py * wp + ox);
+                let out = dst.as_mut_ptr().cast::<f32>().add(py * ow + ox / 2);
+                let args = (src, weights.as_ptr(), bias, out, mask);
+                match (channels, cols == LANES) {
+                    (1, true) => tile::<1, 2, true, true>(&shape, args),
+                    (1, false) => tile::<1, 2, false, true>(&shape, args),
+                    (2, true) => tile::<2, 2, true, true>(&shape, args),
+                    (2, false) => tile::<2, 2, false, true>(&shape, args),
+                    (3, true) => tile::<3, 2, true, true>(&shape, args),
+                    (3, false) => tile::<3, 2, false, true>(&shape, args),
+                    (4, true) => tile::<4, 2, true, true>(&shape, args),
+                    (4, false) => tile::<4, 2, false, true>(&shape, args),
+                    _ => unreachable!("tiles have 1 to {CHANNELS} channels"),
+                }
+            }
+        }
+        return;
+    }
     for oy in (0..oh).step_by(ROWS) {
         let rows = ROWS.min(oh - oy);
         for ox in (0..ow).step_by(LANES) {
@@ -226,8 +264,8 @@ unsafe fn block_x86(
                 ($($c:literal $r:literal),*) => {
                     match (channels, rows, cols == LANES) {
                         $(
-                            ($c, $r, true) => tile::<$c, $r, true>(&shape, args),
-                            ($c, $r, false) => tile::<$c, $r, false>(&shape, args),
+                            ($c, $r, true) => tile::<$c, $r, true, false>(&shape, args),
+                            ($c, $r, false) => tile::<$c, $r, false, false>(&shape, args),
                         )*
                         _ => unreachable!("tiles have 1 to {CHANNELS} channels and 1 to {ROWS} rows"),
                     }
@@ -252,7 +290,9 @@ struct Tile {
 }
 
 /// `C` channels × `R` rows × 8 columns (the first `mask` lanes unless `FULL`) of output at
-/// `out`, reading the input from `src` (the tile's top-left input value).
+/// `out`, reading the input from `src` (the tile's top-left input value). With `POOL`
+/// (and `R` = 2), the tile's 2×2 maxima instead: `C` × 1 row × 4 columns (half the mask's
+/// lanes).
 ///
 /// # Safety
 /// AVX2 and FMA are present; every input value under the tile's windows and every output
@@ -260,7 +300,7 @@ struct Tile {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::type_complexity)]
-unsafe fn tile<const C: usize, const R: usize, const FULL: bool>(
+unsafe fn tile<const C: usize, const R: usize, const FULL: bool, const POOL: bool>(
     t: &Tile,
     (src, weights, bias, out, mask): (
         *const f32,
@@ -298,6 +338,31 @@ unsafe fn tile<const C: usize, const R: usize, const FULL: bool>(
         }
     }
     let zero = _mm256_setzero_ps();
+    if POOL {
+        // Pair maxima of adjacent lanes land on the even lanes, which move to the low half.
+        let evens = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+        let lanes: [i32; 4] = std::array::from_fn(|l| {
+            if FULL || _mm256_movemask_ps(_mm256_castsi256_ps(mask)) >> (2 * l + 1) & 1 == 1 {
+                -1
+            } else {
+                0
+            }
+        });
+        let half = _mm_loadu_si128(lanes.as_ptr().cast());
+        for (j, row) in acc.iter().enumerate() {
+            let rows = row.map(|a| if t.relu { _mm256_max_ps(zero, a) } else { a });
+            let m = nan_max(rows[0], rows[R - 1]);
+            let m = nan_max(m, _mm256_permute_ps(m, 0b10_11_00_01));
+            let m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(m, evens));
+            let p = out.add(j * t.out_plane);
+            if FULL {
+                _mm_storeu_ps(p, m);
+            } else {
+                _mm_maskstore_ps(p, half, m);
+            }
+        }
+        return;
+    }
     for (j, row) in acc.iter().enumerate() {
         for (r, &a) in row.iter().enumerate() {
             // `max(0, a)` keeps a NaN (the second operand wins on NaN), as `relu_if` does.
@@ -310,6 +375,19 @@ unsafe fn tile<const C: usize, const R: usize, const FULL: bool>(
             }
         }
     }
+}
+
+/// `max(a, b)` per lane, NaN where either is NaN (as the pooling op's maximum).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nan_max(
+    a: std::arch::x86_64::__m256,
+    b: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // `max_ps` gives `b` where either is NaN; the blend gives `a` where `a` is NaN.
+    let a_nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a);
+    _mm256_blendv_ps(_mm256_max_ps(a, b), a, a_nan)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -329,7 +407,7 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// The convolution straight from its definition, in f64.
+    /// The convolution (and pooling) straight from its definition, in f64.
     fn reference(
         g: &DirectConv,
         batch: usize,
@@ -337,8 +415,36 @@ mod tests {
         w: &[f32],
         b: Option<&[f32]>,
     ) -> Vec<f64> {
-        let (oh, ow) = g.out_size();
-        let mut out = vec![0f64; batch * g.out_len()];
+        let conv = reference_conv(g, batch, x, w, b);
+        if !g.pool {
+            return conv;
+        }
+        let (oh, ow) = g.conv_size();
+        let (ph, pw) = g.out_size();
+        let mut out = vec![0f64; batch * g.c_out * ph * pw];
+        for (plane, src) in out
+            .chunks_exact_mut(ph * pw)
+            .zip(conv.chunks_exact(oh * ow))
+        {
+            for py in 0..ph {
+                for px in 0..pw {
+                    let at = |dy: usize, dx: usize| src[(2 * py + dy) * ow + 2 * px + dx];
+                    plane[py * pw + px] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
+                }
+            }
+        }
+        out
+    }
+
+    fn reference_conv(
+        g: &DirectConv,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let (oh, ow) = g.conv_size();
+        let mut out = vec![0f64; batch * g.c_out * oh * ow];
         for n in 0..batch {
             for o in 0..g.c_out {
                 for oy in 0..oh {
@@ -389,10 +495,13 @@ mod tests {
             (5, 2, 10, 7, 4, 1, 1, 0, true),
             (2, 1, 6, 17, 3, 2, 3, 0, true),
             (1, 8, 8, 8, 16, 3, 3, 1, true),
+            (2, 2, 13, 21, 5, 2, 2, 0, true),
         ];
-        for (case, (batch, c_in, h, w, c_out, kh, kw, padding, bias)) in
-            cases.into_iter().enumerate()
-        {
+        let every = cases
+            .into_iter()
+            .enumerate()
+            .flat_map(|c| [(c, false), (c, true)]);
+        for ((case, (batch, c_in, h, w, c_out, kh, kw, padding, bias)), pool) in every {
             let g = DirectConv {
                 c_in,
                 h,
@@ -402,7 +511,11 @@ mod tests {
                 kw,
                 padding,
                 relu: case % 2 == 1,
+                pool,
             };
+            if pool && (g.conv_size().0 < 2 || g.conv_size().1 < 2) {
+                continue;
+            }
             let mut draw =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
             let x = draw(batch * g.in_len());
@@ -435,6 +548,7 @@ mod tests {
             kw: 3,
             padding: 0,
             relu: false,
+            pool: false,
         };
         let x = vec![0f32; 25];
         let mut out = vec![MaybeUninit::new(0f32); 18];

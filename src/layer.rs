@@ -449,11 +449,22 @@ impl LogNormalDropout {
         Ok(Tensor::from_vec(values, n, self.mu.device())?)
     }
 
-    /// Whether the layer's `θ` can be multiplied into the weights of the layer before it in
-    /// training ([`shared_theta`](Self::shared_theta)): one draw shared by the batch, on
-    /// the channel axis 1.
-    pub(crate) fn foldable(&self) -> bool {
-        self.config.noise == NoiseMode::SharedPerBatch && self.config.axis == 1
+    /// Whether the layer's multiplier can be multiplied into the weights of the layer
+    /// before it ([`fold_multiplier`](Self::fold_multiplier)): on the channel axis 1, in
+    /// evaluation or for a draw shared by the batch.
+    pub(crate) fn foldable(&self, train: bool) -> bool {
+        self.config.axis == 1 && (!train || self.config.noise == NoiseMode::SharedPerBatch)
+    }
+
+    /// The per-unit multiplier `(units,)` that a [`foldable`](Self::foldable) layer applies:
+    /// in training the step's draw of `θ` ([`shared_theta`](Self::shared_theta)), in
+    /// evaluation `E[θ]` for kept units and 0 for removed ones.
+    pub(crate) fn fold_multiplier(&self, train: bool) -> Result<Tensor> {
+        if train {
+            self.shared_theta()
+        } else {
+            Ok(self.eval_multiplier()?.to_dtype(self.mu.dtype())?)
+        }
     }
 
     /// In training, for a [`foldable`](Self::foldable) layer: the step's draw of `θ`
@@ -461,7 +472,7 @@ impl LogNormalDropout {
     /// weights and bias are multiplied by it per output unit gives this layer's output
     /// on its own output, in one op and with no pass over the activations.
     pub(crate) fn shared_theta(&self) -> Result<Tensor> {
-        if !self.foldable() {
+        if !self.foldable(true) {
             return Err(Error::InvalidConfig {
                 layer: self.name.clone(),
                 reason: "only a draw shared by the batch on axis 1 folds into weights".into(),

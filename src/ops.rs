@@ -644,6 +644,7 @@ fn direct_forward<T: WithDType>(
         kw: g.kw,
         padding: g.padding,
         relu: g.relu,
+        pool: false,
     };
     crate::conv_direct::forward(&shape, g.batch, f32s(x), f32s(w), b.map(f32s), out)
 }
@@ -810,21 +811,70 @@ fn conv2d_impl(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    params: (usize, usize, usize, usize),
     relu: bool,
 ) -> Result<Tensor> {
+    if let Some(g) = conv_geometry(x, w, b, params, relu)? {
+        return apply_weighted(x, w, b, Conv2dOp(g));
+    }
+    let (padding, stride, dilation, groups) = params;
+    let y = x.conv2d(w, padding, stride, dilation.max(1), groups)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+        None => y,
+    };
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// `max_pool2d(conv2d(…), kernel, pool_stride)` (with a ReLU between where `relu`): in one
+/// op where the direct kernel applies (f32 on an x86-64 CPU with AVX2 and FMA, stride 1,
+/// 2×2 pooling with stride 2, few channels), which never writes the convolution's output;
+/// elsewhere [`conv2d`] (or [`conv2d_relu`]) then [`max_pool2d`]. The values are the same
+/// either way; the gradient of the fused op recomputes the convolution.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_max_pool2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    relu: bool,
+    (kernel, pool_stride): (usize, usize),
+) -> Result<Tensor> {
+    let params = (padding, stride, dilation, groups);
+    let fusable = kernel == 2
+        && pool_stride == 2
+        && x.dtype() == DType::F32
+        && crate::conv_direct::available();
+    if fusable {
+        if let Some(g) = conv_geometry(x, w, b, params, relu)? {
+            if g.stride == 1 && g.dilation == 1 && g.oh >= 2 && prefers_direct(&g) {
+                return apply_weighted(x, w, b, ConvPoolOp(g));
+            }
+        }
+    }
+    max_pool2d(&conv2d_impl(x, w, b, params, relu)?, kernel, pool_stride)
+}
+
+/// The geometry of a convolution our CPU kernels run (`None` where candle's own op must:
+/// other devices and dtypes, groups), or an error naming shapes that do not fit.
+fn conv_geometry(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    relu: bool,
+) -> Result<Option<ConvGeometry>> {
     let mut args = vec![x, w];
     args.extend(b);
     if stride == 0 {
         candle::bail!("conv2d: the stride must be positive");
     }
     if groups != 1 || x.rank() != 4 || w.rank() != 4 || !fast_path(&args) {
-        let y = x.conv2d(w, padding, stride, dilation.max(1), groups)?;
-        let y = match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
-            None => y,
-        };
-        return if relu { y.relu() } else { Ok(y) };
+        return Ok(None);
     }
     let (batch, c_in, h, wd) = x.dims4()?;
     let (c_out, c_w, kh, kw) = w.dims4()?;
@@ -866,7 +916,92 @@ fn conv2d_impl(
         bias: b.is_some(),
         relu,
     };
-    apply_weighted(x, w, b, Conv2dOp(g))
+    Ok(Some(g))
+}
+
+/// [`conv2d_max_pool2d`]'s fused op over `(x, w, b)` (`b` a dummy without a bias).
+#[derive(Debug, Clone, Copy)]
+struct ConvPoolOp(ConvGeometry);
+
+impl ConvPoolOp {
+    fn direct(&self) -> crate::conv_direct::DirectConv {
+        let g = &self.0;
+        crate::conv_direct::DirectConv {
+            c_in: g.c_in,
+            h: g.h,
+            w: g.w,
+            c_out: g.c_out,
+            kh: g.kh,
+            kw: g.kw,
+            padding: g.padding,
+            relu: g.relu,
+            pool: true,
+        }
+    }
+
+    fn pool(&self) -> PoolGeometry {
+        let g = &self.0;
+        PoolGeometry {
+            planes: g.batch * g.c_out,
+            h: g.oh,
+            w: g.ow,
+            kernel: 2,
+            stride: 2,
+            oh: g.oh / 2,
+            ow: g.ow / 2,
+        }
+    }
+}
+
+impl CustomOp3 for ConvPoolOp {
+    fn name(&self) -> &'static str {
+        "sbp-conv2d-max-pool2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let b = if g.bias { Some(data(s3, l3)?) } else { None };
+        let shape = self.direct();
+        let n = g.batch * shape.out_len();
+        let mut out = Vec::with_capacity(n);
+        let spare = &mut out.spare_capacity_mut()[..n];
+        if crate::conv_direct::forward(&shape, g.batch, data(s1, l1)?, data(s2, l2)?, b, spare)
+            .is_none()
+        {
+            candle::bail!("conv2d-max-pool2d: the direct kernel does not run here");
+        }
+        // SAFETY: the direct kernel wrote all `n` values.
+        unsafe { out.set_len(n) };
+        let (ph, pw) = shape.out_size();
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.batch, g.c_out, ph, pw)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The convolution's output was never kept: recompute it, route the gradient back
+        // through the pooling, then through the convolution's own backward pass.
+        let conv = Conv2dOp(self.0);
+        let y = x.apply_op3_no_bwd(w, b, &conv)?;
+        let dy = y.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolBackwardOp(self.pool()))?;
+        conv.bwd(x, w, b, &y, &dy)
+    }
 }
 
 /// Applies a layer op over `(x, w, b)`; without a bias the third tensor is an unread dummy.

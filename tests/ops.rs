@@ -381,6 +381,41 @@ fn bad_shapes_are_errors() {
     );
 }
 
+/// A convolution, its ReLU and a max-pooling in one op (fused where the direct kernel runs:
+/// f32, stride 1, 2×2 pooling) give the values and gradients of our three ops one by one,
+/// odd sizes (a dropped last row and column), padding and other poolings included.
+#[test]
+fn fused_convolution_and_pooling_match_the_ops_one_by_one() {
+    let cases = [
+        // batch, c_in, h, w, c_out, k, padding, relu, (pool kernel, pool stride), dtype
+        (2, 3, 12, 13, 11, 5, 0, false, (2, 2), DType::F32),
+        (3, 1, 28, 28, 6, 5, 0, true, (2, 2), DType::F32),
+        (1, 2, 9, 17, 5, 3, 1, true, (2, 2), DType::F32),
+        (2, 2, 10, 10, 3, 3, 0, true, (3, 2), DType::F32),
+        (2, 2, 12, 12, 3, 3, 0, true, (2, 2), DType::F64),
+    ];
+    for (seed, (batch, c_in, h, w, c_out, k, padding, relu, pool, dtype)) in
+        cases.into_iter().enumerate()
+    {
+        let mut rng = StdRng::seed_from_u64(seed as u64);
+        let x = Var::from_tensor(&random(&mut rng, &[batch, c_in, h, w], dtype)).unwrap();
+        let wt = Var::from_tensor(&random(&mut rng, &[c_out, c_in, k, k], dtype)).unwrap();
+        let b = Var::from_tensor(&random(&mut rng, &[c_out], dtype)).unwrap();
+        let (x_, w_, b_) = (x.as_tensor(), wt.as_tensor(), b.as_tensor());
+        let params = (padding, 1, 1, 1);
+        let ours = || ops::conv2d_max_pool2d(x_, w_, Some(b_), params, relu, pool).unwrap();
+        // The ops one by one, each checked against candle's above (candle's own max-pooling
+        // gradient is wrong where the windows leave a last row or column out).
+        let reference = || {
+            let conv = if relu { ops::conv2d_relu } else { ops::conv2d };
+            let y = conv(x_, w_, Some(b_), padding, 1, 1, 1).unwrap();
+            ops::max_pool2d(&y, pool.0, pool.1).unwrap()
+        };
+        let what = format!("conv {batch}×{c_in}×{h}×{w} → {c_out} k{k} p{padding}, relu {relu}, pool {pool:?}, {dtype:?}");
+        check(&[&x, &wt, &b], ours, reference, dtype, &what);
+    }
+}
+
 /// Grouped convolutions take candle's own path and give its values.
 #[test]
 fn grouped_convolutions_fall_back_to_candle() {

@@ -551,10 +551,11 @@ impl Net {
 
     /// Whether node `i` may leave its work to its only consumer, which then runs the chain
     /// of such nodes ending with it ([`run_chain`](Self::run_chain)): a convolution or
-    /// linear layer followed by a ReLU; in training also a convolution or linear layer
-    /// followed by a noise layer that folds into its weights, a noise layer followed by a
-    /// linear layer (see [`LogNormalDropout::forward_into_linear`]) or a ReLU, and a ReLU
-    /// followed by a noise layer. Only for an unmasked, untapped node.
+    /// linear layer followed by a ReLU or by a noise layer that folds into its weights, a
+    /// noise layer followed by a ReLU and a ReLU followed by a noise layer; in evaluation a
+    /// convolution or ReLU followed by max-pooling; in training a noise layer followed by
+    /// a linear layer (see [`LogNormalDropout::forward_into_linear`]). Only for an
+    /// unmasked, untapped node.
     fn defers(&self, i: usize, train: bool, taps: &[usize], batch: usize) -> bool {
         if self.masks[i].is_some() || taps.contains(&i) {
             return false;
@@ -562,19 +563,17 @@ impl Net {
         let Some(j) = self.sole_consumer[i] else {
             return false;
         };
-        if self.weighted(i) && (self.relu(j) || self.folds(i, j, train, batch)) {
+        let pooled = !train && matches!(self.spec.nodes[j].op, Op::MaxPool2d { .. });
+        if self.weighted(i) && (self.relu(j) || self.folds(i, j, train, batch) || pooled) {
             return true;
         }
-        if !train {
-            return false;
-        }
         match (&self.nodes[i], &self.nodes[j]) {
-            (NodeImpl::Noise(layer), NodeImpl::Linear(_)) => {
+            (NodeImpl::Noise(layer), NodeImpl::Linear(_)) if train => {
                 layer.config().noise == crate::layer::NoiseMode::SharedPerBatch
             }
             (NodeImpl::Noise(_), _) => self.relu(j),
             (_, NodeImpl::Noise(_)) => self.relu(i),
-            _ => false,
+            _ => self.relu(i) && pooled,
         }
     }
 
@@ -594,10 +593,11 @@ impl Net {
         )
     }
 
-    /// Whether noise node `n` folds into the weights of layer `w` before it: in training,
-    /// for a draw shared by the batch, and where the weights are no larger than the layer's
-    /// output (scaling them, and their gradient, must cost less than scaling the output:
-    /// not so for LeNet5's first linear layer, 400k weights for 500 outputs a sample).
+    /// Whether noise node `n` folds into the weights of layer `w` before it: in evaluation
+    /// (the multiplier `E[θ]` or 0), in training for a draw shared by the batch, and where
+    /// the weights are no larger than the layer's output (scaling them, and their
+    /// gradient, must cost less than scaling the output: not so for LeNet5's first linear
+    /// layer, 400k weights for 500 outputs a sample).
     fn folds(&self, w: usize, n: usize, train: bool, batch: usize) -> bool {
         let small = |weight: &Tensor| {
             weight.elem_count() <= self.shapes[w].dims(batch).iter().product::<usize>()
@@ -607,7 +607,7 @@ impl Net {
             NodeImpl::Linear(l) => l.weight(),
             _ => return false,
         };
-        train && small(weight) && matches!(&self.nodes[n], NodeImpl::Noise(l) if l.foldable())
+        small(weight) && matches!(&self.nodes[n], NodeImpl::Noise(l) if l.foldable(train))
     }
 
     /// Runs the postponed nodes `chain` (each the sole consumer of the one before, the last
@@ -627,26 +627,34 @@ impl Net {
     /// fused op that applies, and how many nodes it took.
     fn fused_front(&self, chain: &[usize], x: &Tensor, train: bool) -> Result<(Tensor, usize)> {
         let k = chain[0];
-        let (next, after) = (chain.get(1).copied(), chain.get(2).copied());
-        let relu = |n: Option<usize>| n.is_some_and(|n| self.relu(n));
+        let next = chain.get(1).copied();
         let batch = x.dim(0)?;
         let folds = |n: Option<usize>| n.is_some_and(|n| self.folds(k, n, train, batch));
         if self.weighted(k) {
-            // θ·relu(z) = relu(θ·z) as θ > 0, so the noise folds on either side of the ReLU.
-            let (noise, with_relu, used) = if folds(next) && relu(after) {
-                (next, true, 3)
-            } else if relu(next) && folds(after) {
-                (after, true, 3)
-            } else if folds(next) {
-                (next, false, 2)
-            } else {
-                (None, relu(next), if relu(next) { 2 } else { 1 })
-            };
+            // The layer, then a noise layer folded into its weights and a ReLU in either
+            // order (θ·relu(z) = relu(θ·z) as θ > 0), then in evaluation a max-pooling.
+            let (mut noise, mut with_relu, mut used) = (None, false, 1);
+            for &n in &chain[1..] {
+                if noise.is_none() && folds(Some(n)) {
+                    noise = Some(n);
+                } else if !with_relu && self.relu(n) {
+                    with_relu = true;
+                } else {
+                    break;
+                }
+                used += 1;
+            }
             let theta = match noise.map(|n| &self.nodes[n]) {
-                Some(NodeImpl::Noise(layer)) => Some(layer.shared_theta()?),
+                Some(NodeImpl::Noise(layer)) => Some(layer.fold_multiplier(train)?),
                 _ => None,
             };
-            return Ok((self.weighted_layer(k, x, theta.as_ref(), with_relu)?, used));
+            let conv = matches!(self.spec.nodes[k].op, Op::Conv2d { .. });
+            let pool = match chain.get(used).map(|&n| &self.spec.nodes[n].op) {
+                Some(&Op::MaxPool2d { kernel, stride }) if conv && !train => Some((kernel, stride)),
+                _ => None,
+            };
+            let y = self.weighted_layer(k, x, theta.as_ref(), with_relu, pool)?;
+            return Ok((y, used + usize::from(pool.is_some())));
         }
         if let (NodeImpl::Noise(layer), Some(j)) = (&self.nodes[k], next) {
             if let NodeImpl::Linear(l) = &self.nodes[j] {
@@ -665,13 +673,15 @@ impl Net {
     }
 
     /// Convolution or linear node `k` on `x`, with its weights and bias multiplied by `θ`
-    /// per output unit where given, and a ReLU in the same op where `relu`.
+    /// per output unit where given, a ReLU in the same op where `relu`, and for a
+    /// convolution a max-pooling `(kernel, stride)` after it where given.
     fn weighted_layer(
         &self,
         k: usize,
         x: &Tensor,
         theta: Option<&Tensor>,
         relu: bool,
+        pool: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let scaled = |w: &Tensor, b: Option<&Tensor>| -> Result<(Tensor, Option<Tensor>)> {
             let Some(t) = theta else {
@@ -697,6 +707,11 @@ impl Net {
             ) => {
                 let (w, b) = scaled(weight, bias.as_ref())?;
                 let (p, s, d, g) = (padding, stride, dilation, groups);
+                if let Some(pool) = pool {
+                    let y =
+                        crate::ops::conv2d_max_pool2d(x, &w, b.as_ref(), (p, s, d, g), relu, pool);
+                    return Ok(y?);
+                }
                 let conv = if relu {
                     crate::ops::conv2d_relu
                 } else {
