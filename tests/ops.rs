@@ -404,8 +404,8 @@ fn fused_convolution_and_pooling_match_the_ops_one_by_one() {
         let (x_, w_, b_) = (x.as_tensor(), wt.as_tensor(), b.as_tensor());
         let params = (padding, 1, 1, 1);
         let ours = || ops::conv2d_max_pool2d(x_, w_, Some(b_), params, relu, pool).unwrap();
-        // The ops one by one, each checked against candle's above (candle's own max-pooling
-        // gradient is wrong where the windows leave a last row or column out).
+        // The ops one by one, each checked against candle's above (candle 0.11's own
+        // max-pooling gradient is scaled by 1/kernel², so it cannot be the reference here).
         let reference = || {
             let conv = if relu { ops::conv2d_relu } else { ops::conv2d };
             let y = conv(x_, w_, Some(b_), padding, 1, 1, 1).unwrap();
