@@ -155,7 +155,15 @@ pub(crate) fn forward(
             // this sample's padded input, this block's packed weights and its channels'
             // output planes). The tiles cover every output value, so all of `out` is
             // written once every block has run.
-            unsafe { block_x86(g, input, weights, &bias, channels, dst) };
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                block_x86(g, input, weights, &bias, channels, dst)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!(
+                "available() is false off x86-64: {:?}",
+                (input, weights, dst)
+            );
         }
     });
     Some(())
@@ -388,18 +396,6 @@ unsafe fn nan_max(
     // `max_ps` gives `b` where either is NaN; the blend gives `a` where `a` is NaN.
     let a_nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a);
     _mm256_blendv_ps(_mm256_max_ps(a, b), a, a_nan)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn block_x86(
-    _g: &DirectConv,
-    _input: &[f32],
-    _weights: &[f32],
-    _bias: &[f32; CHANNELS],
-    _channels: usize,
-    _dst: &mut [MaybeUninit<f32>],
-) {
-    unreachable!("available() is false off x86-64")
 }
 
 #[cfg(test)]

@@ -778,8 +778,9 @@ flat_backward_op!(Conv2dBackwardOp, "sbp-conv2d-backward", conv_backward);
 
 /// A 2-d convolution of `x` `(N, C, H, W)` with `w` `(O, C/groups, KH, KW)` plus an optional
 /// bias `(O,)`, as candle's `conv2d` computes it. On the CPU (f32/f64, groups 1) it runs
-/// as im2col + GEMM with its own backward pass, which skips the input's gradient when
-/// `x` needs none (the first layer's image); elsewhere it is candle's `conv2d`.
+/// as a direct kernel (f32, stride 1, few output channels, x86-64 with AVX2 and FMA) or as
+/// im2col + GEMM, with its own backward pass, which skips the input's gradient when `x`
+/// needs none (the first layer's image); elsewhere it is candle's `conv2d`.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -2167,20 +2168,23 @@ impl CustomOp2 for ThetaOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
-        let times = |d: &[f64], like: &Tensor| -> Result<Option<Tensor>> {
-            if !needs_grad(like) {
-                return Ok(None);
-            }
-            let v: Vec<f64> = g.iter().zip(d).map(|(g, d)| g * d).collect();
-            Ok(Some(
-                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())?,
-            ))
-        };
         Ok((
-            times(&self.draw.d_mu, mu)?,
-            times(&self.draw.d_log_sigma, log_sigma)?,
+            unit_grad(&g, &self.draw.d_mu, mu)?,
+            unit_grad(&g, &self.draw.d_log_sigma, log_sigma)?,
         ))
     }
+}
+
+/// The gradient of a noise parameter `like` (`μ` or `log σ`) from the gradient `d_theta`
+/// of each unit's `θ` and `∂θ/∂param` per unit; `None` where nothing needs it.
+fn unit_grad(d_theta: &[f64], d: &[f64], like: &Tensor) -> Result<Option<Tensor>> {
+    if !needs_grad(like) {
+        return Ok(None);
+    }
+    let v: Vec<f64> = d_theta.iter().zip(d).map(|(a, b)| a * b).collect();
+    Ok(Some(
+        Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())?,
+    ))
 }
 
 /// The drawn `θ` of a draw shared by the batch (`draw.rows == 1`) as a tensor shaped like
@@ -2318,19 +2322,10 @@ impl CustomOp3 for NoiseLinearOp {
         let (o, i) = (self.g.outputs, self.g.inputs);
         let dw = all.narrow(0, 0, o * i)?.reshape(w.shape())?;
         let d_theta: Vec<f64> = all.narrow(0, o * i, i)?.to_dtype(DType::F64)?.to_vec1()?;
-        let param = |d: &[f64], like: &Tensor| -> Result<Option<Tensor>> {
-            if !needs_grad(like) {
-                return Ok(None);
-            }
-            let v: Vec<f64> = d_theta.iter().zip(d).map(|(a, b)| a * b).collect();
-            Ok(Some(
-                Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())?,
-            ))
-        };
         Ok((
             Some(dw),
-            param(&self.draw.d_mu, mu)?,
-            param(&self.draw.d_log_sigma, log_sigma)?,
+            unit_grad(&d_theta, &self.draw.d_mu, mu)?,
+            unit_grad(&d_theta, &self.draw.d_log_sigma, log_sigma)?,
         ))
     }
 }

@@ -736,18 +736,9 @@ impl Net {
         let x = ins[0];
         let node = &self.spec.nodes[i];
         let out = match (&node.op, &self.nodes[i]) {
-            (
-                &Op::Conv2d {
-                    stride,
-                    padding,
-                    dilation,
-                    groups,
-                    ..
-                },
-                NodeImpl::Conv { weight, bias },
-            ) => crate::ops::conv2d(x, weight, bias.as_ref(), padding, stride, dilation, groups)?,
-            (Op::Linear { .. }, NodeImpl::Linear(l)) => {
-                crate::ops::linear(x, l.weight(), l.bias())?
+            (Op::Conv2d { .. }, NodeImpl::Conv { .. })
+            | (Op::Linear { .. }, NodeImpl::Linear(_)) => {
+                self.weighted_layer(i, x, None, false, None)?
             }
             (Op::BatchNorm { .. }, NodeImpl::BatchNorm(bn)) => bn.forward_t(x, train)?,
             (Op::Activation { f }, _) => match *f {
