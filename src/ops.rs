@@ -2273,13 +2273,25 @@ fn noise_linear_backward<T: WithDType>(
     // A (o×i) = gradᵀ (o×n) · x (n×i)
     matmul((o, i, n), a, false, (grad, 1, o), (x, i, 1), true)?;
     let theta: Vec<T> = theta.iter().map(|&t| T::from_f64(t)).collect();
-    for (a_row, w_row) in a.chunks_mut(i).zip(w.chunks(i)) {
-        // Zipped rather than indexed, so that the loop vectorises.
-        let lanes = a_row.iter_mut().zip(w_row).zip(d_theta.iter_mut());
-        for (((a, &w), d), &t) in lanes.zip(&theta) {
-            *d += w * *a;
-            *a *= t;
+    // dθ_j = Σ_rows w·a and dw = a·θ, by fixed blocks of rows in parallel; the blocks'
+    // partial sums are added in block order, so dθ does not depend on the thread count.
+    let rows = (DS_BLOCK_VALUES / i.max(1)).max(1);
+    let blocks: Vec<&mut [T]> = a.chunks_mut(rows * i).collect();
+    let partials = crate::par::map(blocks, |b, a_block| {
+        let mut d = vec![T::zero(); i];
+        let w_block = &w[b * rows * i..];
+        for (a_row, w_row) in a_block.chunks_mut(i).zip(w_block.chunks(i)) {
+            // Zipped rather than indexed, so that the loop vectorises.
+            let lanes = a_row.iter_mut().zip(w_row).zip(d.iter_mut());
+            for (((a, &w), d), &t) in lanes.zip(&theta) {
+                *d += w * *a;
+                *a *= t;
+            }
         }
+        d
+    });
+    for part in partials {
+        d_theta.iter_mut().zip(part).for_each(|(d, p)| *d += p);
     }
     Ok(out)
 }
