@@ -8,6 +8,12 @@ use candle_sbp::{LogNormalDropoutConfig, Net};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+// As in the examples: glibc's allocator returns large freed blocks to the system and faults
+// fresh pages in on every step (a third of a LeNet5 step, in page faults and TLB
+// shootdowns), which would measure the allocator rather than the kernels.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub type Build = fn(Option<LogNormalDropoutConfig>, VarBuilder) -> candle_sbp::Result<Net>;
 
 /// The paper's two MNIST networks, by bench name.
