@@ -325,7 +325,9 @@ fn main() -> Result<()> {
         .collect();
     println!("threads: {}", candle::utils::get_num_threads());
     let (mut ours, mut torch) = (Vec::new(), Vec::new());
-    for round in 0..args.rounds {
+    // With --only-compressed there are no training rounds (nor PyTorch runs) at all.
+    let training_rounds = if nets.is_empty() { 0 } else { args.rounds };
+    for round in 0..training_rounds {
         println!("\nround {} of {}: candle-sbp", round + 1, args.rounds);
         ours.push(serde_json::Value::Object(time_ours(&args, &nets, &data)?));
         if args.pytorch {

@@ -218,7 +218,6 @@ unsafe fn block_x86(
     channels: usize,
     dst: &mut [MaybeUninit<f32>],
 ) {
-    use std::arch::x86_64::*;
     let (hp, wp) = g.padded();
     let (oh, ow) = g.out_size();
     debug_assert!(input.len() == g.c_in * hp * wp);
@@ -238,8 +237,7 @@ unsafe fn block_x86(
         for py in 0..oh {
             for ox in (0..2 * ow).step_by(LANES) {
                 let cols = LANES.min(2 * ow - ox);
-                let lanes: [i32; LANES] = std::array::from_fn(|l| if l < cols { -1 } else { 0 });
-                let mask = _mm256_loadu_si256(lanes.as_ptr().cast());
+                let mask = lane_mask(cols);
                 let src = input.as_ptr().add(2 * py * wp + ox);
                 let out = dst.as_mut_ptr().cast::<f32>().add(py * ow + ox / 2);
                 let args = (src, weights.as_ptr(), bias, out, mask);
@@ -262,9 +260,7 @@ unsafe fn block_x86(
         let rows = ROWS.min(oh - oy);
         for ox in (0..ow).step_by(LANES) {
             let cols = LANES.min(ow - ox);
-            // Lanes `0..cols` on (sign bit set), the rest off.
-            let lanes: [i32; LANES] = std::array::from_fn(|l| if l < cols { -1 } else { 0 });
-            let mask = _mm256_loadu_si256(lanes.as_ptr().cast());
+            let mask = lane_mask(cols);
             let src = input.as_ptr().add(oy * wp + ox);
             let out = dst.as_mut_ptr().cast::<f32>().add(oy * ow + ox);
             let args = (src, weights.as_ptr(), bias, out, mask);
@@ -282,6 +278,14 @@ unsafe fn block_x86(
             dispatch!(1 1, 1 2, 1 3, 2 1, 2 2, 2 3, 3 1, 3 2, 3 3, 4 1, 4 2, 4 3);
         }
     }
+}
+
+/// A mask with lanes `0..cols` on (sign bit set) and the rest off.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lane_mask(cols: usize) -> std::arch::x86_64::__m256i {
+    let lanes: [i32; LANES] = std::array::from_fn(|l| if l < cols { -1 } else { 0 });
+    std::arch::x86_64::_mm256_loadu_si256(lanes.as_ptr().cast())
 }
 
 /// Strides of a sample's input and output, and the kernel's extent.
@@ -411,34 +415,6 @@ mod tests {
         w: &[f32],
         b: Option<&[f32]>,
     ) -> Vec<f64> {
-        let conv = reference_conv(g, batch, x, w, b);
-        if !g.pool {
-            return conv;
-        }
-        let (oh, ow) = g.conv_size();
-        let (ph, pw) = g.out_size();
-        let mut out = vec![0f64; batch * g.c_out * ph * pw];
-        for (plane, src) in out
-            .chunks_exact_mut(ph * pw)
-            .zip(conv.chunks_exact(oh * ow))
-        {
-            for py in 0..ph {
-                for px in 0..pw {
-                    let at = |dy: usize, dx: usize| src[(2 * py + dy) * ow + 2 * px + dx];
-                    plane[py * pw + px] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
-                }
-            }
-        }
-        out
-    }
-
-    fn reference_conv(
-        g: &DirectConv,
-        batch: usize,
-        x: &[f32],
-        w: &[f32],
-        b: Option<&[f32]>,
-    ) -> Vec<f64> {
         let (oh, ow) = g.conv_size();
         let mut out = vec![0f64; batch * g.c_out * oh * ow];
         for n in 0..batch {
@@ -467,6 +443,29 @@ mod tests {
                         out[((n * g.c_out + o) * oh + oy) * ow + ox] =
                             if g.relu { s.max(0.0) } else { s };
                     }
+                }
+            }
+        }
+        if g.pool {
+            max_pool_2x2(g, batch, &out)
+        } else {
+            out
+        }
+    }
+
+    /// 2×2 max-pooling with stride 2 of the convolution output `conv`.
+    fn max_pool_2x2(g: &DirectConv, batch: usize, conv: &[f64]) -> Vec<f64> {
+        let (oh, ow) = g.conv_size();
+        let (ph, pw) = g.out_size();
+        let mut out = vec![0f64; batch * g.c_out * ph * pw];
+        for (plane, src) in out
+            .chunks_exact_mut(ph * pw)
+            .zip(conv.chunks_exact(oh * ow))
+        {
+            for py in 0..ph {
+                for px in 0..pw {
+                    let at = |dy: usize, dx: usize| src[(2 * py + dy) * ow + 2 * px + dx];
+                    plane[py * pw + px] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
                 }
             }
         }

@@ -509,6 +509,22 @@ impl ConvGeometry {
         }
     }
 
+    /// The same convolution for [`crate::conv_direct`] (stride 1 and no dilation assumed),
+    /// then 2×2 max-pooling where `pool`.
+    fn direct(&self, pool: bool) -> crate::conv_direct::DirectConv {
+        crate::conv_direct::DirectConv {
+            c_in: self.c_in,
+            h: self.h,
+            w: self.w,
+            c_out: self.c_out,
+            kh: self.kh,
+            kw: self.kw,
+            padding: self.padding,
+            relu: self.relu,
+            pool,
+        }
+    }
+
     /// Samples per GEMM: enough columns for an efficient product, few enough that the
     /// im2col buffer (`k() × b·p()`) stays near 1 MiB of f32.
     fn samples_per_gemm(&self) -> usize {
@@ -625,7 +641,7 @@ fn direct_forward<T: WithDType>(
     b: Option<&[T]>,
     out: &mut [MaybeUninit<T>],
 ) -> Option<()> {
-    if T::DTYPE != DType::F32 || g.stride != 1 || g.dilation != 1 || !prefers_direct(g) {
+    if T::DTYPE != DType::F32 || !prefers_direct(g) {
         return None;
     }
     fn f32s<T>(s: &[T]) -> &[f32] {
@@ -635,29 +651,25 @@ fn direct_forward<T: WithDType>(
     // SAFETY: as above (`MaybeUninit<f32>` has f32's layout).
     let out: &mut [MaybeUninit<f32>] =
         unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len()) };
-    let shape = crate::conv_direct::DirectConv {
-        c_in: g.c_in,
-        h: g.h,
-        w: g.w,
-        c_out: g.c_out,
-        kh: g.kh,
-        kw: g.kw,
-        padding: g.padding,
-        relu: g.relu,
-        pool: false,
-    };
-    crate::conv_direct::forward(&shape, g.batch, f32s(x), f32s(w), b.map(f32s), out)
+    crate::conv_direct::forward(
+        &g.direct(false),
+        g.batch,
+        f32s(x),
+        f32s(w),
+        b.map(f32s),
+        out,
+    )
 }
 
-/// Whether the direct kernel beats im2col + GEMM on this convolution: up to 64 output
-/// channels or with a short kernel, where building the im2col matrix costs most, and only
-/// on rows of at least one vector (8 columns). Measured at batch 100, direct against
+/// Whether the direct kernel runs this convolution (stride 1, no dilation) and beats
+/// im2col + GEMM on it: up to 64 output channels or with a short kernel, where building
+/// the im2col matrix costs most, and only on rows of at least one vector (8 columns). Measured at batch 100, direct against
 /// im2col: LeNet5's 1→20 5×5 convolution 0.44 against 0.90 ms, its 20→50 one 2.34 against
 /// 2.53 ms, a pruned 6→11 one 0.15 against 0.27 ms; VGG's 3→64 3×3 at 32×32 2.6 against
 /// 4.7 ms, 64→64 at 32×32 60 against 63 ms; but 64→128 at 16×16 31 against 27 ms and
 /// 256→256 at 8×8 57 against 47 ms.
 fn prefers_direct(g: &ConvGeometry) -> bool {
-    g.ow >= 8 && (g.c_out <= 64 || g.k() <= 64)
+    g.stride == 1 && g.dilation == 1 && g.ow >= 8 && (g.c_out <= 64 || g.k() <= 64)
 }
 
 /// `[dw (c_out·k), db (c_out, with a bias), dx (input size, if wanted)]` in one buffer.
@@ -808,7 +820,9 @@ pub fn conv2d_relu(
     conv2d_impl(x, w, b, (padding, stride, dilation, groups), true)
 }
 
-fn conv2d_impl(
+/// [`conv2d`], or [`conv2d_relu`] where `relu`; `params` is `(padding, stride, dilation,
+/// groups)`.
+pub(crate) fn conv2d_impl(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
@@ -836,23 +850,21 @@ fn conv2d_impl(
 /// 2×2 pooling with stride 2, few channels), which never writes the convolution's output;
 /// elsewhere [`conv2d`] (or [`conv2d_relu`]) then [`max_pool2d`]. The values are the same
 /// either way; the gradient of the fused op recomputes the convolution.
-#[allow(clippy::too_many_arguments)]
 pub fn conv2d_max_pool2d(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    params: (usize, usize, usize, usize),
     relu: bool,
     (kernel, pool_stride): (usize, usize),
 ) -> Result<Tensor> {
-    let params = (padding, stride, dilation, groups);
     let fusable = kernel == 2
         && pool_stride == 2
         && x.dtype() == DType::F32
         && crate::conv_direct::available();
     if fusable {
         if let Some(g) = conv_geometry(x, w, b, params, relu)? {
-            if g.stride == 1 && g.dilation == 1 && g.oh >= 2 && prefers_direct(&g) {
+            if g.oh >= 2 && prefers_direct(&g) {
                 return apply_weighted(x, w, b, ConvPoolOp(g));
             }
         }
@@ -925,21 +937,6 @@ fn conv_geometry(
 struct ConvPoolOp(ConvGeometry);
 
 impl ConvPoolOp {
-    fn direct(&self) -> crate::conv_direct::DirectConv {
-        let g = &self.0;
-        crate::conv_direct::DirectConv {
-            c_in: g.c_in,
-            h: g.h,
-            w: g.w,
-            c_out: g.c_out,
-            kh: g.kh,
-            kw: g.kw,
-            padding: g.padding,
-            relu: g.relu,
-            pool: true,
-        }
-    }
-
     fn pool(&self) -> PoolGeometry {
         let g = &self.0;
         PoolGeometry {
@@ -970,7 +967,7 @@ impl CustomOp3 for ConvPoolOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let b = if g.bias { Some(data(s3, l3)?) } else { None };
-        let shape = self.direct();
+        let shape = g.direct(true);
         let n = g.batch * shape.out_len();
         let mut out = Vec::with_capacity(n);
         let spare = &mut out.spare_capacity_mut()[..n];
@@ -1046,12 +1043,14 @@ fn linear_forward<T: WithDType>(
     let mut y = vec![T::zero(); n * o];
     // y (n×o) = x (n×i) · wᵀ (i×o)
     matmul((n, o, i), &mut y, false, (x, i, 1), (w, 1, i), true)?;
-    if let Some(b) = b {
-        add_to_rows(&mut y, b);
-    }
-    if g.relu {
-        for_each_row(&mut y, o, |_, row| {
-            row.iter_mut().for_each(|v| *v = relu_if(true, *v))
+    // The bias and the ReLU in one pass over the output.
+    if b.is_some() || g.relu {
+        for_each_row(&mut y, o, |_, row| match b {
+            Some(b) => {
+                let with_bias = row.iter_mut().zip(b);
+                with_bias.for_each(|(v, &bias)| *v = relu_if(g.relu, *v + bias))
+            }
+            None => row.iter_mut().for_each(|v| *v = relu_if(true, *v)),
         });
     }
     Ok(y)
@@ -1107,7 +1106,13 @@ pub fn linear_relu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     linear_impl(x, w, b, true)
 }
 
-fn linear_impl(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+/// [`linear`], or [`linear_relu`] where `relu`.
+pub(crate) fn linear_impl(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
     let mut args = vec![x, w];
     args.extend(b);
     let shapes_fit = x.rank() == 2

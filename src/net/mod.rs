@@ -599,15 +599,13 @@ impl Net {
     /// gradient, must cost less than scaling the output: not so for LeNet5's first linear
     /// layer, 400k weights for 500 outputs a sample).
     fn folds(&self, w: usize, n: usize, train: bool, batch: usize) -> bool {
-        let small = |weight: &Tensor| {
-            weight.elem_count() <= self.shapes[w].dims(batch).iter().product::<usize>()
-        };
         let weight = match &self.nodes[w] {
             NodeImpl::Conv { weight, .. } => weight,
             NodeImpl::Linear(l) => l.weight(),
             _ => return false,
         };
-        small(weight) && matches!(&self.nodes[n], NodeImpl::Noise(l) if l.foldable(train))
+        let small = weight.elem_count() <= batch * self.shapes[w].numel();
+        small && matches!(&self.nodes[n], NodeImpl::Noise(l) if l.foldable(train))
     }
 
     /// Runs the postponed nodes `chain` (each the sole consumer of the one before, the last
@@ -629,13 +627,13 @@ impl Net {
         let k = chain[0];
         let next = chain.get(1).copied();
         let batch = x.dim(0)?;
-        let folds = |n: Option<usize>| n.is_some_and(|n| self.folds(k, n, train, batch));
+
         if self.weighted(k) {
             // The layer, then a noise layer folded into its weights and a ReLU in either
             // order (θ·relu(z) = relu(θ·z) as θ > 0), then in evaluation a max-pooling.
             let (mut noise, mut with_relu, mut used) = (None, false, 1);
             for &n in &chain[1..] {
-                if noise.is_none() && folds(Some(n)) {
+                if noise.is_none() && self.folds(k, n, train, batch) {
                     noise = Some(n);
                 } else if !with_relu && self.relu(n) {
                     with_relu = true;
@@ -706,27 +704,17 @@ impl Net {
                 NodeImpl::Conv { weight, bias },
             ) => {
                 let (w, b) = scaled(weight, bias.as_ref())?;
-                let (p, s, d, g) = (padding, stride, dilation, groups);
-                if let Some(pool) = pool {
-                    let y =
-                        crate::ops::conv2d_max_pool2d(x, &w, b.as_ref(), (p, s, d, g), relu, pool);
-                    return Ok(y?);
-                }
-                let conv = if relu {
-                    crate::ops::conv2d_relu
-                } else {
-                    crate::ops::conv2d
-                };
-                Ok(conv(x, &w, b.as_ref(), p, s, d, g)?)
+                let params = (padding, stride, dilation, groups);
+                Ok(match pool {
+                    Some(pool) => {
+                        crate::ops::conv2d_max_pool2d(x, &w, b.as_ref(), params, relu, pool)?
+                    }
+                    None => crate::ops::conv2d_impl(x, &w, b.as_ref(), params, relu)?,
+                })
             }
             (Op::Linear { .. }, NodeImpl::Linear(l)) => {
                 let (w, b) = scaled(l.weight(), l.bias())?;
-                let linear = if relu {
-                    crate::ops::linear_relu
-                } else {
-                    crate::ops::linear
-                };
-                Ok(linear(x, &w, b.as_ref())?)
+                Ok(crate::ops::linear_impl(x, &w, b.as_ref(), relu)?)
             }
             _ => Err(graph(name, "internal: not a weighted layer".to_string())),
         }
