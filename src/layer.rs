@@ -177,13 +177,25 @@ struct KlTerms {
     g_ls: Vec<f64>,
 }
 
+impl KlTerms {
+    fn push(&mut self, kl: f64, (g_mu, g_ls): (f64, f64)) {
+        self.kl.push(kl);
+        self.g_mu.push(g_mu);
+        self.g_ls.push(g_ls);
+    }
+
+    fn append(&mut self, other: KlTerms) {
+        self.kl.extend_from_slice(&other.kl);
+        self.g_mu.extend_from_slice(&other.g_mu);
+        self.g_ls.extend_from_slice(&other.g_ls);
+    }
+}
+
 impl FromIterator<(f64, (f64, f64))> for KlTerms {
     fn from_iter<I: IntoIterator<Item = (f64, (f64, f64))>>(iter: I) -> Self {
         let mut t = KlTerms::default();
-        for (kl, (g_mu, g_ls)) in iter {
-            t.kl.push(kl);
-            t.g_mu.push(g_mu);
-            t.g_ls.push(g_ls);
+        for (kl, g) in iter {
+            t.push(kl, g);
         }
         t
     }
@@ -389,15 +401,15 @@ impl LogNormalDropout {
     fn forward_impl(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         self.check_input(xs)?;
         let theta = if train {
-            let (log_theta, g_mu, g_ls, rows) = self.draw(xs)?;
+            let draw = self.draw(xs)?;
             if self.config.axis == 1 && crate::ops::noise_applies(xs, &self.mu, &self.log_sigma) {
-                let draw = theta_draw(&log_theta, &g_mu, &g_ls, rows);
-                let fused = crate::ops::noise_multiply(xs, &self.mu, &self.log_sigma, draw, relu)?;
+                let params = (&self.mu, &self.log_sigma);
+                let fused = crate::ops::noise_multiply(xs, params.0, params.1, draw.noise(), relu)?;
                 if let Some(y) = fused {
                     return Ok(y);
                 }
             }
-            self.theta_tensor(log_theta, &g_mu, &g_ls, rows)?
+            self.theta_tensor(&draw)?
         } else {
             self.eval_multiplier()?
         };
@@ -428,8 +440,7 @@ impl LogNormalDropout {
             return Ok(None);
         }
         self.check_input(xs)?;
-        let (log_theta, g_mu, g_ls, rows) = self.draw(xs)?;
-        let draw = theta_draw(&log_theta, &g_mu, &g_ls, rows);
+        let draw = self.draw(xs)?.noise();
         let params = (&self.mu, &self.log_sigma);
         Ok(Some(crate::ops::noise_linear(xs, params, draw, w, b)?))
     }
@@ -478,18 +489,19 @@ impl LogNormalDropout {
                 reason: "only a draw shared by the batch on axis 1 folds into weights".into(),
             });
         }
-        let (log_theta, g_mu, g_ls, rows) = self.draw_rows(1)?;
+        let draw = self.draw_rows(1)?;
         if crate::ops::surrogate_applies(&self.mu, &self.log_sigma) {
-            let draw = theta_draw(&log_theta, &g_mu, &g_ls, rows);
-            return Ok(crate::ops::noise_theta(&self.mu, &self.log_sigma, draw)?);
+            return Ok(crate::ops::noise_theta(
+                &self.mu,
+                &self.log_sigma,
+                draw.noise(),
+            )?);
         }
-        self.theta_tensor(log_theta, &g_mu, &g_ls, rows)
+        self.theta_tensor(&draw)
     }
 
-    /// One step's draw on the host: `log θ` and its derivatives with respect to `μ` and
-    /// `log σ`, row-major `(rows, units)`, and `rows` (1 when shared by the batch).
-    #[allow(clippy::type_complexity)]
-    fn draw(&self, xs: &Tensor) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> {
+    /// One step's draw on the host, one row per example or one for the batch.
+    fn draw(&self, xs: &Tensor) -> Result<HostDraw> {
         let rows = match self.config.noise {
             NoiseMode::SharedPerBatch => 1,
             NoiseMode::PerExample => xs.dim(0)?,
@@ -498,11 +510,9 @@ impl LogNormalDropout {
     }
 
     /// [`draw`](Self::draw) for `rows` rows of units.
-    #[allow(clippy::type_complexity)]
-    fn draw_rows(&self, rows: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> {
+    fn draw_rows(&self, rows: usize) -> Result<HostDraw> {
         let (mu, log_sigma) = self.host_params()?;
-        let params = self.clamp(&mu, &log_sigma)?;
-        let units = params.len();
+        let units = mu.len();
         let n = rows * units;
         // The uniforms in stream order, then the (costlier) transforms in parallel: the
         // same values on any number of threads.
@@ -513,52 +523,61 @@ impl LogNormalDropout {
         // With one draw per unit, the KL of the step's loss comes from the same windows
         // (when the previous step had a KL term).
         let with_kl = rows == 1 && self.kl_in_use.swap(false, Ordering::Relaxed);
-        // Per unit: log θ, its gated derivatives, and the KL terms when wanted.
-        let per_unit: Vec<_> = crate::par::map_ranges(n, PAR_UNITS, |r| {
-            r.map(|k| {
-                let p = &params[k % units];
-                let (s, kl) = if with_kl {
-                    let (s, kl, g) = p.dist.sample_and_kl_unchecked(uniforms[k]);
-                    (s, Some((kl, p.gate(g.d_mu, g.d_log_sigma))))
-                } else {
-                    (p.dist.sample_unchecked(uniforms[k]), None)
+        // One row clamps each unit inside the parallel pass; several rows clamp once.
+        let clamped = if rows > 1 {
+            Some(self.clamp(&mu, &log_sigma)?)
+        } else {
+            None
+        };
+        let chunks = crate::par::map_range_chunks(n, PAR_UNITS, |r| {
+            let mut d = HostDraw::with_capacity(r.len(), with_kl);
+            for k in r {
+                let i = k % units;
+                let p = match &clamped {
+                    Some(params) => params[i],
+                    None => self.unit_params(i, mu[i], log_sigma[i])?,
                 };
-                (s.log_theta, p.gate(s.d_mu, s.d_log_sigma), kl)
-            })
-            .collect()
+                let s = if with_kl {
+                    let (s, kl, g) = p.dist.sample_and_kl_unchecked(uniforms[k]);
+                    d.kl.push(kl, p.gate(g.d_mu, g.d_log_sigma));
+                    s
+                } else {
+                    p.dist.sample_unchecked(uniforms[k])
+                };
+                d.push(s.log_theta, p.gate(s.d_mu, s.d_log_sigma));
+            }
+            Ok::<_, Error>(d)
         });
-        let value = per_unit.iter().map(|u| u.0).collect();
-        let (g_mu, g_ls) = per_unit.iter().map(|u| u.1).unzip();
+        let mut draw = HostDraw::with_capacity(n, with_kl);
+        for chunk in chunks {
+            draw.append(chunk?);
+        }
+        draw.rows = rows;
         if with_kl {
-            let terms = per_unit.into_iter().filter_map(|u| u.2).collect();
+            let terms = std::mem::take(&mut draw.kl);
             *self.kl_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(KlCache {
                 mu,
                 log_sigma,
                 terms,
             });
         }
-        Ok((value, g_mu, g_ls, rows))
+        Ok(draw)
     }
 
     /// `θ` as a candle expression of `μ` and `log σ` (the path for other devices): shape
     /// `(units,)` or `(rows, units)`.
-    fn theta_tensor(
-        &self,
-        log_theta: Vec<f64>,
-        g_mu: &[f64],
-        g_ls: &[f64],
-        rows: usize,
-    ) -> Result<Tensor> {
+    fn theta_tensor(&self, draw: &HostDraw) -> Result<Tensor> {
+        let rows = draw.rows;
         let units = self.num_units();
         let shape: Vec<usize> = match self.config.noise {
             NoiseMode::SharedPerBatch => vec![units],
             NoiseMode::PerExample => vec![rows, units],
         };
         let device = self.mu.device();
-        let value =
-            Tensor::from_vec(log_theta, shape.as_slice(), device)?.to_dtype(self.mu.dtype())?;
+        let value = Tensor::from_slice(&draw.log_theta, shape.as_slice(), device)?
+            .to_dtype(self.mu.dtype())?;
         let log_theta = self
-            .linearised(rows, g_mu, g_ls)?
+            .linearised(rows, &draw.g_mu, &draw.g_ls)?
             .reshape(shape)?
             .add(&value)?;
         Ok(log_theta.exp()?)
@@ -631,32 +650,35 @@ impl LogNormalDropout {
 
     /// Each unit's clamped distribution; a non-finite parameter is an error naming it.
     fn clamp(&self, mu: &[f64], log_sigma: &[f64]) -> Result<Vec<UnitParams>> {
-        let c = &self.config;
         mu.iter()
             .zip(log_sigma)
             .enumerate()
-            .map(|(index, (&m, &ls))| {
-                for (name, value) in [("mu", m), ("log_sigma", ls)] {
-                    if !value.is_finite() {
-                        return Err(Error::NonFinite {
-                            layer: self.name.clone(),
-                            name: name.into(),
-                            index,
-                            value,
-                        });
-                    }
-                }
-                let (mc, lc) = (
-                    m.clamp(c.mu_clamp.0, c.mu_clamp.1),
-                    ls.clamp(c.log_sigma_clamp.0, c.log_sigma_clamp.1),
-                );
-                Ok(UnitParams {
-                    dist: TruncatedLogNormal::new(mc, lc, c.a, c.b)?,
-                    mu_free: mc == m,
-                    log_sigma_free: lc == ls,
-                })
-            })
+            .map(|(index, (&m, &ls))| self.unit_params(index, m, ls))
             .collect()
+    }
+
+    /// Unit `index`'s clamped distribution from its `μ` and `log σ`.
+    fn unit_params(&self, index: usize, m: f64, ls: f64) -> Result<UnitParams> {
+        let c = &self.config;
+        for (name, value) in [("mu", m), ("log_sigma", ls)] {
+            if !value.is_finite() {
+                return Err(Error::NonFinite {
+                    layer: self.name.clone(),
+                    name: name.into(),
+                    index,
+                    value,
+                });
+            }
+        }
+        let (mc, lc) = (
+            m.clamp(c.mu_clamp.0, c.mu_clamp.1),
+            ls.clamp(c.log_sigma_clamp.0, c.log_sigma_clamp.1),
+        );
+        Ok(UnitParams {
+            dist: TruncatedLogNormal::new(mc, lc, c.a, c.b)?,
+            mu_free: mc == m,
+            log_sigma_free: lc == ls,
+        })
     }
 
     /// The one rule for what survives: SNR strictly above the threshold.
@@ -704,15 +726,62 @@ fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1()?)
 }
 
-/// `θ = exp(log θ)` and its derivatives (`∂θ = θ·∂log θ`) from a host draw.
-fn theta_draw(log_theta: &[f64], g_mu: &[f64], g_ls: &[f64], rows: usize) -> crate::ops::NoiseDraw {
-    let theta: Vec<f64> = log_theta.iter().map(|v| v.exp()).collect();
-    let scale = |g: &[f64]| theta.iter().zip(g).map(|(t, g)| t * g).collect();
-    crate::ops::NoiseDraw {
-        d_mu: scale(g_mu),
-        d_log_sigma: scale(g_ls),
-        theta,
-        rows,
+/// One step's draw on the host, row-major `(rows, units)`.
+#[derive(Debug, Default)]
+struct HostDraw {
+    log_theta: Vec<f64>,
+    /// `exp(log θ)`, taken in the parallel pass.
+    theta: Vec<f64>,
+    /// `∂log θ/∂μ` and `∂log θ/∂log σ` at the draw's uniforms, clamp-gated.
+    g_mu: Vec<f64>,
+    g_ls: Vec<f64>,
+    /// With one row and a KL in use: the KL terms from the same windows.
+    kl: KlTerms,
+    rows: usize,
+}
+
+impl HostDraw {
+    fn with_capacity(n: usize, with_kl: bool) -> Self {
+        let kl_n = if with_kl { n } else { 0 };
+        HostDraw {
+            log_theta: Vec::with_capacity(n),
+            theta: Vec::with_capacity(n),
+            g_mu: Vec::with_capacity(n),
+            g_ls: Vec::with_capacity(n),
+            kl: KlTerms {
+                kl: Vec::with_capacity(kl_n),
+                g_mu: Vec::with_capacity(kl_n),
+                g_ls: Vec::with_capacity(kl_n),
+            },
+            rows: 1,
+        }
+    }
+
+    fn push(&mut self, log_theta: f64, (g_mu, g_ls): (f64, f64)) {
+        self.log_theta.push(log_theta);
+        self.theta.push(log_theta.exp());
+        self.g_mu.push(g_mu);
+        self.g_ls.push(g_ls);
+    }
+
+    /// Appends a later chunk of the same draw.
+    fn append(&mut self, chunk: HostDraw) {
+        self.log_theta.extend_from_slice(&chunk.log_theta);
+        self.theta.extend_from_slice(&chunk.theta);
+        self.g_mu.extend_from_slice(&chunk.g_mu);
+        self.g_ls.extend_from_slice(&chunk.g_ls);
+        self.kl.append(chunk.kl);
+    }
+
+    /// `θ` and its derivatives (`∂θ = θ·∂log θ`), as the CPU ops take them.
+    fn noise(&self) -> crate::ops::NoiseDraw {
+        let scale = |g: &[f64]| self.theta.iter().zip(g).map(|(t, g)| t * g).collect();
+        crate::ops::NoiseDraw {
+            d_mu: scale(&self.g_mu),
+            d_log_sigma: scale(&self.g_ls),
+            theta: self.theta.clone(),
+            rows: self.rows,
+        }
     }
 }
 

@@ -95,9 +95,21 @@ pub(crate) fn map_ranges<R: Send>(
     min_len: usize,
     f: impl Fn(std::ops::Range<usize>) -> Vec<R> + Sync,
 ) -> Vec<R> {
+    map_range_chunks(n, min_len, f)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// [`map_ranges`] with one result per range, in range order.
+pub(crate) fn map_range_chunks<R: Send>(
+    n: usize,
+    min_len: usize,
+    f: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<R> {
     let step = n.div_ceil(2 * threads()).max(min_len).max(1);
     let ranges: Vec<_> = (0..n).step_by(step).map(|a| a..(a + step).min(n)).collect();
-    map(ranges, |_, r| f(r)).into_iter().flatten().collect()
+    map(ranges, |_, r| f(r))
 }
 
 #[cfg(test)]

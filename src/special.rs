@@ -21,8 +21,16 @@ const CF_START: f64 = 3.0;
 
 /// Density of the standard normal.
 pub(crate) fn norm_pdf(x: f64) -> f64 {
+    if x.abs() > PDF_ZERO_BEYOND {
+        // Exactly what exp returns here, without its slow underflow path (errno).
+        return 0.0;
+    }
     (-0.5 * x * x - LN_SQRT_2PI).exp()
 }
+
+/// Beyond this `|x|`, `φ(x) = exp(-x²/2 - 0.92) < exp(-749)` rounds to 0 (the smallest
+/// subnormal is `exp(-744.4)`).
+const PDF_ZERO_BEYOND: f64 = 38.7;
 
 /// `Φ(x)`, with full relative accuracy in the lower tail.
 pub(crate) fn norm_cdf(x: f64) -> f64 {
@@ -128,11 +136,32 @@ pub(crate) fn log_norm_cdf(x: f64) -> f64 {
     log_norm_sf(-x)
 }
 
-/// `Φ⁻¹(p)` for `0 < p <= 0.5`, polished by Newton steps in log space so that it keeps
-/// full relative accuracy deep in the lower tail.
+/// Down to this `p`, `Φ⁻¹` polishes in linear space: `Φ(y)` and `φ(y)` are then normal
+/// numbers with full relative accuracy (`y >= -36.4`).
+const LINEAR_POLISH_MIN_P: f64 = 1e-290;
+
+/// `Φ⁻¹(p)` for `0 < p <= 0.5`, polished by Newton steps (in log space below
+/// [`LINEAR_POLISH_MIN_P`]) so that it keeps full relative accuracy deep in the lower tail.
 pub(crate) fn norm_inv_cdf_lower(p: f64) -> f64 {
     let mut y = -SQRT_2 * erfc_inv(2.0 * p);
     if !y.is_finite() {
+        return y;
+    }
+    if p >= LINEAR_POLISH_MIN_P {
+        // Newton on Φ(y) = p. With Φ'' = -yφ, the error after a step s is |y|·s²/2, i.e.
+        // s²/2 relative to y: a step of 1e-8 or less leaves y exact to round-off. statrs'
+        // seed (~1e-10) needs one step, one erfc and one exp, where the log-space polish
+        // needs two steps of two erfc, two logs and an exp each.
+        for _ in 0..4 {
+            let step = (norm_cdf(y) - p) / norm_pdf(y);
+            if !step.is_finite() {
+                break;
+            }
+            y -= step;
+            if step.abs() <= 1e-8 {
+                break;
+            }
+        }
         return y;
     }
     // Newton on ln Φ(y) = ln p; d/dy ln Φ(y) = φ(y)/Φ(y) = 1/R(-y).

@@ -95,6 +95,8 @@ pub struct LogThetaSample {
 pub struct TruncatedLogNormal {
     mu: f64,
     log_sigma: f64,
+    /// `exp(log σ)`, computed once: a draw and its KL use it half a dozen times.
+    sigma: f64,
     a: f64,
     b: f64,
 }
@@ -128,6 +130,7 @@ impl TruncatedLogNormal {
         Ok(Self {
             mu,
             log_sigma,
+            sigma: log_sigma.exp(),
             a,
             b,
         })
@@ -148,7 +151,7 @@ impl TruncatedLogNormal {
     }
     /// `σ = exp(log σ)`.
     pub fn sigma(&self) -> f64 {
-        self.log_sigma.exp()
+        self.sigma
     }
     /// Lower bound `a` of `log θ`.
     pub fn a(&self) -> f64 {
@@ -292,10 +295,11 @@ impl TruncatedLogNormal {
                     d_log_sigma: -sigma * (t.delta - ma * t.d_alpha - mb * t.d_beta),
                 }
             }
-            &WindowKind::Straddling(z) => {
-                let y = straddling_draw(alpha, beta, z, u, v);
-                let da = (v.ln() + 0.5 * (y - alpha) * (y + alpha)).exp();
-                let db = (u.ln() + 0.5 * (y - beta) * (y + beta)).exp();
+            WindowKind::Straddling(st) => {
+                let y = straddling_draw(alpha, beta, st, u, v);
+                // ∂y/∂α = v·φ(α)/φ(y), ∂y/∂β = u·φ(β)/φ(y) (times Z/Z).
+                let da = scaled_exp(v, 0.5 * (y - alpha) * (y + alpha));
+                let db = scaled_exp(u, 0.5 * (y - beta) * (y + beta));
                 LogThetaSample {
                     log_theta: self.mu + sigma * y,
                     d_mu: 1.0 - da - db,
@@ -478,8 +482,44 @@ enum WindowKind {
     Upper(TailWindow),
     /// `β <= 0`: the mirrored window `[-β, -α]`.
     Lower(TailWindow),
-    /// `α < 0 < β`, with `Z = Φ(β) - Φ(α)`.
-    Straddling(f64),
+    /// `α < 0 < β`.
+    Straddling(Straddle),
+}
+
+/// A window with `α < 0 < β`: its mass, the tails beyond it and the densities at its
+/// bounds, which its draw, its entropy and the entropy's gradient share.
+#[derive(Debug, Clone, Copy)]
+struct Straddle {
+    /// `Z = Φ(β) - Φ(α)`.
+    z: f64,
+    /// `Φ(α)`, the mass below the window.
+    cdf_alpha: f64,
+    /// `Φc(β)`, the mass above it.
+    sf_beta: f64,
+    pdf_alpha: f64,
+    pdf_beta: f64,
+}
+
+impl Straddle {
+    fn new(alpha: f64, beta: f64) -> Self {
+        let (cdf_alpha, sf_beta) = (norm_cdf(alpha), norm_sf(beta));
+        // Both tails are at most 1/2: where they leave Z >= 1/2 the difference loses at most
+        // one bit and saves two evaluations of erf; below, the sum of erfs has no
+        // cancellation at all.
+        let outside = cdf_alpha + sf_beta;
+        let z = if outside <= 0.5 {
+            (1.0 - cdf_alpha) - sf_beta
+        } else {
+            norm_mass_straddling(alpha, beta)
+        };
+        Straddle {
+            z,
+            cdf_alpha,
+            sf_beta,
+            pdf_alpha: norm_pdf(alpha),
+            pdf_beta: norm_pdf(beta),
+        }
+    }
 }
 
 impl Window {
@@ -489,7 +529,7 @@ impl Window {
         } else if beta <= 0.0 {
             WindowKind::Lower(TailWindow::new(-beta, -alpha))
         } else {
-            WindowKind::Straddling(norm_mass_straddling(alpha, beta))
+            WindowKind::Straddling(Straddle::new(alpha, beta))
         };
         Window { alpha, beta, kind }
     }
@@ -499,9 +539,9 @@ impl Window {
         let (alpha, beta) = (self.alpha, self.beta);
         match &self.kind {
             WindowKind::Upper(w) | WindowKind::Lower(w) => w.entropy(),
-            &WindowKind::Straddling(z) => {
-                let tilt = (alpha * norm_pdf(alpha) - beta * norm_pdf(beta)) / (2.0 * z);
-                0.5 + LN_SQRT_2PI + z.ln() + tilt
+            WindowKind::Straddling(st) => {
+                let tilt = (alpha * st.pdf_alpha - beta * st.pdf_beta) / (2.0 * st.z);
+                0.5 + LN_SQRT_2PI + st.z.ln() + tilt
             }
         }
     }
@@ -518,9 +558,9 @@ impl Window {
                     d_beta: -m.d_alpha,
                 }
             }
-            &WindowKind::Straddling(z) => {
-                let lambda_a = norm_pdf(alpha) / z;
-                let lambda_b = norm_pdf(beta) / z;
+            WindowKind::Straddling(st) => {
+                let lambda_a = st.pdf_alpha / st.z;
+                let lambda_b = st.pdf_beta / st.z;
                 let g = 0.5 * (alpha * lambda_a - beta * lambda_b);
                 WindowGrad {
                     d_alpha: lambda_a * (g - 0.5 * (1.0 + alpha * alpha)),
@@ -725,14 +765,26 @@ fn tail_draw(w: &TailWindow, u: f64, v: f64) -> TailDraw {
     }
 }
 
+/// `w·eᵉ` for `w ∈ (0, 1]`, without the logarithm where neither factor can underflow
+/// the product, and without either where the product is certainly 0.
+fn scaled_exp(w: f64, e: f64) -> f64 {
+    if e < -746.0 {
+        0.0 // below the smallest subnormal's log even with w = 1
+    } else if e > -650.0 {
+        w * e.exp() // w >= 2⁻⁵⁴ keeps the product a normal number
+    } else {
+        (w.ln() + e).exp()
+    }
+}
+
 /// `Φ⁻¹(Φ(α) + uZ)` for a window with `α < 0 < β`, through whichever tail keeps full
 /// relative precision.
-fn straddling_draw(alpha: f64, beta: f64, z: f64, u: f64, v: f64) -> f64 {
-    let lower = norm_cdf(alpha) + u * z;
+fn straddling_draw(alpha: f64, beta: f64, st: &Straddle, u: f64, v: f64) -> f64 {
+    let lower = st.cdf_alpha + u * st.z;
     let y = if lower <= 0.5 {
         norm_inv_cdf_lower(lower)
     } else {
-        -norm_inv_cdf_lower(norm_sf(beta) + v * z)
+        -norm_inv_cdf_lower(st.sf_beta + v * st.z)
     };
     y.clamp(alpha, beta)
 }
