@@ -705,8 +705,9 @@ struct TailDraw {
     d_beta: f64,
 }
 
-/// Below this `α`, a tail draw starts Newton from the inverse normal CDF: its error in
-/// `δ` grows like `1e-10·α²` relative, still far inside Newton's quadratic basin.
+/// Below this `α`, a tail draw starts Newton from the inverse normal CDF: its error, a
+/// few ulps of `α + δ`, is larger relative to `δ` by `α/δ`, still far inside Newton's
+/// quadratic basin.
 const GUESS_BY_INVERSE_BELOW: f64 = 10.0;
 
 /// Solves `Φc(α + δ) = v Φc(α) + u Φc(β)` for `δ >= 0` with `v = 1 - u`, i.e.
@@ -723,8 +724,9 @@ fn tail_draw(w: &TailWindow, u: f64, v: f64) -> TailDraw {
         ((-alpha * d - 0.5 * d * d + ell - w.ell_alpha - r), r_y)
     };
     // Start from the exponential tail's δ = -ln q / t0, or near the window's start,
-    // where that is crude, from Φc⁻¹(q·Φc(α)) (statrs' erfc⁻¹, good to ~1e-10): one or
-    // two Newton steps then finish instead of five or six.
+    // where that is crude, from Φc⁻¹(q·Φc(α)) (statrs' erfc⁻¹, good to a few ulps of
+    // α + δ, but δ = y - α cancels): one or two Newton steps then finish instead of five
+    // or six.
     let mut delta = if alpha < GUESS_BY_INVERSE_BELOW {
         let target = q * norm_sf(alpha);
         (SQRT_2 * erfc_inv(2.0 * target) - alpha).clamp(0.0, width)
