@@ -1849,15 +1849,25 @@ macro_rules! adam_kernel {
     ($name:ident, $t:ty) => {
         /// One pass: `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
         /// `θ ← decay·θ − step_size · m / (sqrt(v)·v_scale + ε)`.
+        ///
+        /// Subnormal gradients and moments count as 0. A parameter whose gradient has
+        /// vanished (a pruned unit's weights, a memorised batch) sees its moments decay
+        /// geometrically through the subnormal range, `v` for some 16,000 steps at
+        /// β2 = 0.999, and every arithmetic operation on a subnormal takes a microcode
+        /// assist of a hundred cycles or more: a LeNet-500-300 step took 4.3 ms instead
+        /// of 2.6 once its moments got there. Below 1e-38 (f32) they move a parameter
+        /// by less than 1e-30 of the step size.
         fn $name(s: &AdamStep, p: &mut [$t], g: &[$t], m: &mut [$t], v: &mut [$t]) {
             let (b1, c1) = (s.beta1 as $t, (1.0 - s.beta1) as $t);
             let (b2, c2) = (s.beta2 as $t, (1.0 - s.beta2) as $t);
             let (decay, size) = (s.decay as $t, s.step_size as $t);
             let (scale, eps) = (s.v_scale as $t, s.eps as $t);
+            let normal = |x: $t| if x.abs() < <$t>::MIN_POSITIVE { 0.0 } else { x };
             let update = |((p, g), (m, v)): ((&mut [$t], &[$t]), (&mut [$t], &mut [$t]))| {
                 for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                    *m = b1 * *m + c1 * g;
-                    *v = b2 * *v + c2 * g * g;
+                    let g = normal(g);
+                    *m = normal(b1 * *m + c1 * g);
+                    *v = normal(b2 * *v + c2 * g * g);
                     *p = decay * *p - size * *m / (v.sqrt() * scale + eps);
                 }
             };
@@ -2566,4 +2576,34 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         classes: logits.dim(1)?,
     };
     logits.contiguous()?.apply_op2(&labels.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adam_counts_subnormal_gradients_and_moments_as_zero() {
+        let step = AdamStep {
+            beta1: 0.9,
+            beta2: 0.999,
+            step_size: 1e-3,
+            v_scale: 1.0,
+            eps: 1e-8,
+            decay: 1.0,
+        };
+        let tiny = f32::MIN_POSITIVE / 4.0; // subnormal
+        let mut p = vec![1.0f32, 2.0, 3.0];
+        let g = vec![0.0f32, tiny, 0.5];
+        let mut m = vec![tiny, 0.0, 0.1];
+        let mut v = vec![tiny, f32::MIN_POSITIVE / 2.0, 0.01];
+        adam_f32(&step, &mut p, &g, &mut m, &mut v);
+        // The first two parameters had nothing but subnormals: moments 0, no move.
+        assert_eq!((m[0], v[0], p[0]), (0.0, 0.0, 1.0));
+        assert_eq!((m[1], v[1], p[1]), (0.0, 0.0, 2.0));
+        // The third is an ordinary Adam step.
+        let (m2, v2) = (0.9f32 * 0.1 + 0.1 * 0.5, 0.999f32 * 0.01 + 0.001 * 0.25);
+        assert_eq!((m[2], v[2]), (m2, v2));
+        assert!((p[2] - (3.0 - 1e-3 * m2 / (v2.sqrt() + 1e-8))).abs() < 1e-7);
+    }
 }
