@@ -169,25 +169,55 @@ pub struct LogNormalDropout {
     kl_in_use: Arc<AtomicBool>,
 }
 
-/// Per unit: the KL and its (clamp-gated) gradients.
+/// Per unit, derivatives with respect to `μ` and `log σ` (clamp-gated).
+#[derive(Debug, Default)]
+struct UnitGrads {
+    mu: Vec<f64>,
+    log_sigma: Vec<f64>,
+}
+
+impl UnitGrads {
+    fn with_capacity(n: usize) -> Self {
+        UnitGrads {
+            mu: Vec::with_capacity(n),
+            log_sigma: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, (d_mu, d_log_sigma): (f64, f64)) {
+        self.mu.push(d_mu);
+        self.log_sigma.push(d_log_sigma);
+    }
+
+    fn append(&mut self, other: UnitGrads) {
+        self.mu.extend_from_slice(&other.mu);
+        self.log_sigma.extend_from_slice(&other.log_sigma);
+    }
+}
+
+/// Per unit: the KL and its gradients.
 #[derive(Debug, Default)]
 struct KlTerms {
     kl: Vec<f64>,
-    g_mu: Vec<f64>,
-    g_ls: Vec<f64>,
+    grad: UnitGrads,
 }
 
 impl KlTerms {
-    fn push(&mut self, kl: f64, (g_mu, g_ls): (f64, f64)) {
+    fn with_capacity(n: usize) -> Self {
+        KlTerms {
+            kl: Vec::with_capacity(n),
+            grad: UnitGrads::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, kl: f64, grad: (f64, f64)) {
         self.kl.push(kl);
-        self.g_mu.push(g_mu);
-        self.g_ls.push(g_ls);
+        self.grad.push(grad);
     }
 
     fn append(&mut self, other: KlTerms) {
         self.kl.extend_from_slice(&other.kl);
-        self.g_mu.extend_from_slice(&other.g_mu);
-        self.g_ls.extend_from_slice(&other.g_ls);
+        self.grad.append(other.grad);
     }
 }
 
@@ -378,10 +408,13 @@ impl LogNormalDropout {
         if crate::ops::surrogate_applies(&self.mu, &self.log_sigma) {
             let params = (&self.mu, &self.log_sigma);
             return Ok(crate::ops::surrogate_scalar(
-                params, total, terms.g_mu, terms.g_ls,
+                params,
+                total,
+                terms.grad.mu,
+                terms.grad.log_sigma,
             )?);
         }
-        let lin = self.linearised(1, &terms.g_mu, &terms.g_ls)?.sum_all()?;
+        let lin = self.linearised(1, &terms.grad)?.sum_all()?;
         let value = Tensor::new(total, self.mu.device())?.to_dtype(self.mu.dtype())?;
         Ok(lin.add(&value)?)
     }
@@ -577,7 +610,7 @@ impl LogNormalDropout {
         let value = Tensor::from_slice(&draw.log_theta, shape.as_slice(), device)?
             .to_dtype(self.mu.dtype())?;
         let log_theta = self
-            .linearised(rows, &draw.g_mu, &draw.g_ls)?
+            .linearised(rows, &draw.grad)?
             .reshape(shape)?
             .add(&value)?;
         Ok(log_theta.exp()?)
@@ -585,7 +618,8 @@ impl LogNormalDropout {
 
     /// `g_μ·(μ − detach μ) + g_σ·(log σ − detach log σ)`, shape `(rows, units)` flattened
     /// from the row-major `g`s: exactly zero in value, exactly `g` in gradient.
-    fn linearised(&self, rows: usize, g_mu: &[f64], g_ls: &[f64]) -> Result<Tensor> {
+    fn linearised(&self, rows: usize, grad: &UnitGrads) -> Result<Tensor> {
+        let (g_mu, g_ls) = (&grad.mu, &grad.log_sigma);
         let units = self.num_units();
         let device = self.mu.device();
         let dtype = self.mu.dtype();
@@ -732,9 +766,8 @@ struct HostDraw {
     log_theta: Vec<f64>,
     /// `exp(log θ)`, taken in the parallel pass.
     theta: Vec<f64>,
-    /// `∂log θ/∂μ` and `∂log θ/∂log σ` at the draw's uniforms, clamp-gated.
-    g_mu: Vec<f64>,
-    g_ls: Vec<f64>,
+    /// The derivatives of `log θ` at the draw's uniforms.
+    grad: UnitGrads,
     /// With one row and a KL in use: the KL terms from the same windows.
     kl: KlTerms,
     rows: usize,
@@ -742,34 +775,26 @@ struct HostDraw {
 
 impl HostDraw {
     fn with_capacity(n: usize, with_kl: bool) -> Self {
-        let kl_n = if with_kl { n } else { 0 };
         HostDraw {
             log_theta: Vec::with_capacity(n),
             theta: Vec::with_capacity(n),
-            g_mu: Vec::with_capacity(n),
-            g_ls: Vec::with_capacity(n),
-            kl: KlTerms {
-                kl: Vec::with_capacity(kl_n),
-                g_mu: Vec::with_capacity(kl_n),
-                g_ls: Vec::with_capacity(kl_n),
-            },
+            grad: UnitGrads::with_capacity(n),
+            kl: KlTerms::with_capacity(if with_kl { n } else { 0 }),
             rows: 1,
         }
     }
 
-    fn push(&mut self, log_theta: f64, (g_mu, g_ls): (f64, f64)) {
+    fn push(&mut self, log_theta: f64, grad: (f64, f64)) {
         self.log_theta.push(log_theta);
         self.theta.push(log_theta.exp());
-        self.g_mu.push(g_mu);
-        self.g_ls.push(g_ls);
+        self.grad.push(grad);
     }
 
     /// Appends a later chunk of the same draw.
     fn append(&mut self, chunk: HostDraw) {
         self.log_theta.extend_from_slice(&chunk.log_theta);
         self.theta.extend_from_slice(&chunk.theta);
-        self.g_mu.extend_from_slice(&chunk.g_mu);
-        self.g_ls.extend_from_slice(&chunk.g_ls);
+        self.grad.append(chunk.grad);
         self.kl.append(chunk.kl);
     }
 
@@ -777,8 +802,8 @@ impl HostDraw {
     fn noise(&self) -> crate::ops::NoiseDraw {
         let scale = |g: &[f64]| self.theta.iter().zip(g).map(|(t, g)| t * g).collect();
         crate::ops::NoiseDraw {
-            d_mu: scale(&self.g_mu),
-            d_log_sigma: scale(&self.g_ls),
+            d_mu: scale(&self.grad.mu),
+            d_log_sigma: scale(&self.grad.log_sigma),
             theta: self.theta.clone(),
             rows: self.rows,
         }
