@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod experiment;
 pub mod layer;
+mod linear_dot;
 pub mod models;
 pub mod net;
 pub mod ops;

@@ -55,6 +55,20 @@ fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// `s` as f32 values, where `T` is f32.
+fn as_f32<T: WithDType>(s: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 itself when its dtype is F32, so the cast changes nothing.
+    (T::DTYPE == DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) })
+}
+
+/// [`as_f32`] for a mutable slice.
+fn as_f32_mut<T: WithDType>(s: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`.
+    (T::DTYPE == DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) })
+}
+
 /// Below this many multiply-adds a product runs on the calling thread.
 const GEMM_PAR_MIN_MACS: usize = 1 << 18;
 
@@ -1041,6 +1055,30 @@ fn linear_forward<T: WithDType>(
 ) -> Result<Vec<T>> {
     let (n, i, o) = (g.batch, g.inputs, g.outputs);
     let mut y = vec![T::zero(); n * o];
+    if let (Some(x), Some(w)) = (as_f32(x), as_f32(w)) {
+        if crate::linear_dot::prefers(i, o) && n > 0 {
+            let b = b.and_then(as_f32);
+            // Blocks of whole rows, one a thread where the product pays for the handoff.
+            let blocks = if n * o * i >= GEMM_PAR_MIN_MACS {
+                threads()
+            } else {
+                1
+            };
+            let rows = n.div_ceil(blocks).max(1);
+            let done = std::sync::atomic::AtomicBool::new(true);
+            crate::par::chunks_mut(&mut y, rows * o, |k, block| {
+                let start = k * rows;
+                let range = start..(start + block.len() / o.max(1));
+                let out = as_f32_mut(block).expect("T is f32");
+                if !crate::linear_dot::forward(x, w, b, g.relu, (n, i, o), range, out) {
+                    done.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            if done.into_inner() {
+                return Ok(y);
+            }
+        }
+    }
     // y (n×o) = x (n×i) · wᵀ (i×o)
     matmul((n, o, i), &mut y, false, (x, i, 1), (w, 1, i), true)?;
     // The bias and the ReLU in one pass over the output.
