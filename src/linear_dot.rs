@@ -161,30 +161,34 @@ mod x86 {
                     }
                 }
             }
+            // Per row: the C sums in one vector, plus the bias, through the ReLU, stored
+            // by a mask of C lanes.
+            let lanes: [i32; 4] = std::array::from_fn(|l| if l < C { -1 } else { 0 });
+            let cols = _mm_loadu_si128(lanes.as_ptr().cast());
+            let bias = match self.b {
+                Some(b) => _mm_maskload_ps(b.as_ptr().add(c), cols),
+                None => _mm_setzero_ps(),
+            };
             for (r, acc_r) in acc.iter().enumerate() {
-                let sums = hsum(acc_r);
-                for (cc, &s) in sums.iter().enumerate().take(C) {
-                    let mut v = s + self.b.map_or(0.0, |b| b[c + cc]);
-                    if self.relu && v < 0.0 {
-                        v = 0.0;
-                    }
-                    *y.add(r * self.o + cc) = v;
+                let mut v = _mm_add_ps(hsum(acc_r), bias);
+                if self.relu {
+                    // maxps returns its second operand when either is NaN (or both are
+                    // zeros): a NaN, and -0, pass as the GEMM path's ReLU passes them.
+                    v = _mm_max_ps(_mm_setzero_ps(), v);
                 }
+                _mm_maskstore_ps(y.add(r * self.o), cols, v);
             }
         }
     }
 
     /// The lane sums of up to 4 vectors, in one pass of horizontal adds.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: &[__m256]) -> [f32; 4] {
+    unsafe fn hsum(v: &[__m256]) -> __m128 {
         let at = |k: usize| v.get(k).copied().unwrap_or(_mm256_setzero_ps());
         let ab = _mm256_hadd_ps(at(0), at(1));
         let cd = _mm256_hadd_ps(at(2), at(3));
         let abcd = _mm256_hadd_ps(ab, cd);
-        let sum = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-        let mut out = [0.0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), sum);
-        out
+        _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))
     }
 }
 
@@ -248,6 +252,11 @@ mod tests {
                 }
             }
         }
+        // A NaN passes the ReLU, as on the GEMM path.
+        let x = [f32::NAN; 8];
+        let mut y = [0.0f32; 1];
+        assert!(forward(&x, &[1.0; 8], None, true, (1, 8, 1), 0..1, &mut y));
+        assert!(y[0].is_nan());
         // Buffers that do not fit are refused.
         let mut y = vec![0.0f32; 3];
         assert!(!forward(
