@@ -547,6 +547,10 @@ impl LogNormalDropout {
         let (mu, log_sigma) = self.host_params()?;
         let units = mu.len();
         let n = rows * units;
+        if !mu.iter().chain(&log_sigma).all(|v| v.is_finite()) {
+            // The error names the first bad parameter, before the stream moves on.
+            self.clamp(&mu, &log_sigma)?;
+        }
         // The uniforms in stream order, then the (costlier) transforms in parallel: the
         // same values on any number of threads.
         let uniforms: Vec<f64> = {
