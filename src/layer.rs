@@ -436,8 +436,8 @@ impl LogNormalDropout {
         let theta = if train {
             let draw = self.draw(xs)?;
             if self.config.axis == 1 && crate::ops::noise_applies(xs, &self.mu, &self.log_sigma) {
-                let params = (&self.mu, &self.log_sigma);
-                let fused = crate::ops::noise_multiply(xs, params.0, params.1, draw.noise(), relu)?;
+                let (mu, log_sigma) = (&self.mu, &self.log_sigma);
+                let fused = crate::ops::noise_multiply(xs, mu, log_sigma, draw.noise(), relu)?;
                 if let Some(y) = fused {
                     return Ok(y);
                 }

@@ -29,7 +29,6 @@ const MAX_WEIGHTS: usize = 1 << 16;
 /// Writes `x (n×i) · wᵀ (i×o) + b`, through a ReLU where `relu`, into `y` (`n×o`) for the
 /// rows `rows` of `x`. `false` (and `y` untouched) where the kernel does not run here or
 /// the buffers do not fit.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     x: &[f32],
     w: &[f32],

@@ -51,15 +51,13 @@ pub fn layer_stats(net: &Net) -> Vec<LayerStats> {
         .filter_map(|(i, node)| {
             let out = shapes[i];
             let input = node.inputs.first().map_or(out, |&j| shapes[j]);
-            let (kind, macs) = match &node.op {
-                Op::Input { .. } => ("input", 0),
-                &Op::Conv2d { kernel, groups, .. } => (
-                    "conv2d",
-                    (out.numel() * input.units() / groups * kernel * kernel) as u64,
-                ),
-                Op::Linear { .. } => ("linear", (input.units() * out.units()) as u64),
+            let kind = match &node.op {
+                Op::Input { .. } => "input",
+                Op::Conv2d { .. } => "conv2d",
+                Op::Linear { .. } => "linear",
                 _ => return None,
             };
+            let macs = node.op.macs(input, out) as u64;
             Some(LayerStats {
                 name: node.name.clone(),
                 kind: kind.into(),

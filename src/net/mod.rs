@@ -871,10 +871,7 @@ fn batch_splittable(spec: &NetSpec, shapes: &[NodeShape]) -> Option<usize> {
         let input = node.inputs.first().map_or(out, |&j| shapes[j]);
         let macs = match node.op {
             // Grouped convolutions are candle's, and so is the bias add after them.
-            Op::Conv2d {
-                kernel, groups: 1, ..
-            } => out.numel() * input.units() * kernel * kernel,
-            Op::Linear { .. } => input.units() * out.units(),
+            Op::Conv2d { groups: 1, .. } | Op::Linear { .. } => node.op.macs(input, out),
             Op::Input { .. }
             | Op::Activation {
                 f: Activation::Relu,

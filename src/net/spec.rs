@@ -253,6 +253,18 @@ impl Op {
             Op::Shift { .. } => "shift",
         }
     }
+
+    /// Multiply-accumulates per example of a convolution or linear layer with this
+    /// `input` and `output` shape; 0 for every other node.
+    pub(crate) fn macs(&self, input: NodeShape, output: NodeShape) -> usize {
+        match *self {
+            Op::Conv2d { kernel, groups, .. } => {
+                output.numel() * input.units() / groups.max(1) * kernel * kernel
+            }
+            Op::Linear { .. } => input.units() * output.units(),
+            _ => 0,
+        }
+    }
 }
 
 /// One node: a unique name (the prefix of its parameters), an operation and the indices of
