@@ -134,7 +134,7 @@ mod x86 {
     ) {
         let out = Out { o, b, relu };
         if wide {
-            let tile = WideTile {
+            let tile = Tile::<Wide> {
                 i,
                 mask: ((1u32 << (i % WIDE_LANES)) - 1) as __mmask16,
                 out,
@@ -142,7 +142,7 @@ mod x86 {
             walk_wide(&tile, x, w, rows, y);
         } else {
             let lanes: [i32; LANES] = std::array::from_fn(|l| if l < i % LANES { -1 } else { 0 });
-            let tile = Tile {
+            let tile = Tile::<Narrow> {
                 i,
                 mask: _mm256_loadu_si256(lanes.as_ptr().cast()),
                 out,
@@ -171,13 +171,19 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn walk(t: &Tile, x: &[f32], w: &[f32], rows: std::ops::Range<usize>, y: &mut [f32]) {
+    unsafe fn walk(
+        t: &Tile<Narrow>,
+        x: &[f32],
+        w: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+    ) {
         walk_tiles(t, x, w, rows, y)
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn walk_wide(
-        t: &WideTile,
+        t: &Tile<Wide>,
         x: &[f32],
         w: &[f32],
         rows: std::ops::Range<usize>,
@@ -264,15 +270,154 @@ mod x86 {
         }
     }
 
-    /// The 8-lane tiles.
-    struct Tile<'a> {
+    /// One vector width's operations, for the tile body both widths share.
+    trait Lanes {
+        type V: Copy;
+        type Mask: Copy;
+        /// Values a vector holds.
+        const N: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        /// The lanes `mask` keeps, zeros elsewhere; the others are not read.
+        unsafe fn load_masked(p: *const f32, mask: Self::Mask) -> Self::V;
+        unsafe fn fma(a: Self::V, b: Self::V, acc: Self::V) -> Self::V;
+        /// Eight lanes whose sum is `v`'s, for the 8-lane epilogue.
+        unsafe fn fold(v: Self::V) -> __m256;
+    }
+
+    /// AVX2 and FMA: 8 lanes.
+    struct Narrow;
+
+    impl Lanes for Narrow {
+        type V = __m256;
+        type Mask = __m256i;
+        const N: usize = LANES;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, mask: __m256i) -> __m256 {
+            _mm256_maskload_ps(p, mask)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, acc: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, acc)
+        }
+        #[inline(always)]
+        unsafe fn fold(v: __m256) -> __m256 {
+            v
+        }
+    }
+
+    /// AVX-512F: 16 lanes, twice the multiply-adds an instruction.
+    struct Wide;
+
+    impl Lanes for Wide {
+        type V = __m512;
+        type Mask = __mmask16;
+        const N: usize = WIDE_LANES;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, mask: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(mask, p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, acc: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, acc)
+        }
+        #[inline(always)]
+        unsafe fn fold(v: __m512) -> __m256 {
+            let high = _mm512_extractf64x4_pd(_mm512_castps_pd(v), 1);
+            _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(high))
+        }
+    }
+
+    /// The tiles of one vector width.
+    struct Tile<'a, L: Lanes> {
         i: usize,
-        /// Lanes `0..i % 8` on: the loads of each row's last, partial vector.
-        mask: __m256i,
+        /// Lanes `0..i % L::N` on: the loads of each row's last, partial vector.
+        mask: L::Mask,
         out: Out<'a>,
     }
 
-    impl Tiles for Tile<'_> {
+    impl<L: Lanes> Tile<'_, L> {
+        /// The tile's dot products, then its outputs: the body of [`Tiles::run`], inlined
+        /// into each width's entry point, which enables that width's instructions. No
+        /// closures here: they would not inherit the instructions.
+        #[inline(always)]
+        unsafe fn body<const R: usize, const C: usize>(
+            &self,
+            x: *const f32,
+            w: *const f32,
+            y: *mut f32,
+            c: usize,
+        ) {
+            let i = self.i;
+            let mut acc = [[L::zero(); C]; R];
+            let full = i - i % L::N;
+            let mut k = 0;
+            while k < full {
+                self.step::<R, C, false>(&mut acc, x, w, k);
+                k += L::N;
+            }
+            if full < i {
+                self.step::<R, C, true>(&mut acc, x, w, k);
+            }
+            let mut folded = [[_mm256_setzero_ps(); C]; R];
+            for (f_r, acc_r) in folded.iter_mut().zip(&acc) {
+                for (f, &a) in f_r.iter_mut().zip(acc_r) {
+                    *f = L::fold(a);
+                }
+            }
+            self.out.store(&folded, y, c);
+        }
+
+        /// One vector of the tile's rows from offset `k` into its accumulators, the
+        /// lanes of `mask` only where `MASKED`.
+        #[inline(always)]
+        unsafe fn step<const R: usize, const C: usize, const MASKED: bool>(
+            &self,
+            acc: &mut [[L::V; C]; R],
+            x: *const f32,
+            w: *const f32,
+            k: usize,
+        ) {
+            let mut wv = [L::zero(); C];
+            for (cc, v) in wv.iter_mut().enumerate() {
+                let p = w.add(cc * self.i + k);
+                *v = if MASKED {
+                    L::load_masked(p, self.mask)
+                } else {
+                    L::load(p)
+                };
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let p = x.add(r * self.i + k);
+                let xv = if MASKED {
+                    L::load_masked(p, self.mask)
+                } else {
+                    L::load(p)
+                };
+                for (a, &wc) in acc_r.iter_mut().zip(&wv) {
+                    *a = L::fma(xv, wc, *a);
+                }
+            }
+        }
+    }
+
+    impl Tiles for Tile<'_, Narrow> {
         fn shape(&self) -> (usize, usize) {
             (self.i, self.out.o)
         }
@@ -285,44 +430,11 @@ mod x86 {
             y: *mut f32,
             c: usize,
         ) {
-            let i = self.i;
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let full = i - i % LANES;
-            let mut k = 0;
-            while k < full {
-                let wv: [__m256; C] = std::array::from_fn(|cc| _mm256_loadu_ps(w.add(cc * i + k)));
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(x.add(r * i + k));
-                    for (a, &wc) in acc_r.iter_mut().zip(&wv) {
-                        *a = _mm256_fmadd_ps(xv, wc, *a);
-                    }
-                }
-                k += LANES;
-            }
-            if full < i {
-                let m = self.mask;
-                let wv: [__m256; C] =
-                    std::array::from_fn(|cc| _mm256_maskload_ps(w.add(cc * i + k), m));
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_maskload_ps(x.add(r * i + k), m);
-                    for (a, &wc) in acc_r.iter_mut().zip(&wv) {
-                        *a = _mm256_fmadd_ps(xv, wc, *a);
-                    }
-                }
-            }
-            self.out.store(&acc, y, c);
+            self.body::<R, C>(x, w, y, c)
         }
     }
 
-    /// The 16-lane tiles: twice the multiply-adds an instruction, the same tile shape.
-    struct WideTile<'a> {
-        i: usize,
-        /// Lanes `0..i % 16` on; masked-off lanes are neither read nor faulted on.
-        mask: __mmask16,
-        out: Out<'a>,
-    }
-
-    impl Tiles for WideTile<'_> {
+    impl Tiles for Tile<'_, Wide> {
         fn shape(&self) -> (usize, usize) {
             (self.i, self.out.o)
         }
@@ -335,40 +447,7 @@ mod x86 {
             y: *mut f32,
             c: usize,
         ) {
-            let i = self.i;
-            let mut acc = [[_mm512_setzero_ps(); C]; R];
-            let full = i - i % WIDE_LANES;
-            let mut k = 0;
-            while k < full {
-                let wv: [__m512; C] = std::array::from_fn(|cc| _mm512_loadu_ps(w.add(cc * i + k)));
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(x.add(r * i + k));
-                    for (a, &wc) in acc_r.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(xv, wc, *a);
-                    }
-                }
-                k += WIDE_LANES;
-            }
-            if full < i {
-                let m = self.mask;
-                let wv: [__m512; C] =
-                    std::array::from_fn(|cc| _mm512_maskz_loadu_ps(m, w.add(cc * i + k)));
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_maskz_loadu_ps(m, x.add(r * i + k));
-                    for (a, &wc) in acc_r.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(xv, wc, *a);
-                    }
-                }
-            }
-            // Each accumulator's two halves added: 8 lanes, for the 8-lane epilogue.
-            let mut halves = [[_mm256_setzero_ps(); C]; R];
-            for (h_r, acc_r) in halves.iter_mut().zip(&acc) {
-                for (h, &a) in h_r.iter_mut().zip(acc_r) {
-                    let high = _mm512_extractf64x4_pd(_mm512_castps_pd(a), 1);
-                    *h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(high));
-                }
-            }
-            self.out.store(&halves, y, c);
+            self.body::<R, C>(x, w, y, c)
         }
     }
 
