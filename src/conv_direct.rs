@@ -84,11 +84,39 @@ pub(crate) fn available() -> bool {
     }
 }
 
+/// Whether this machine also runs the 16-lane (AVX-512F) tiles, here and in
+/// [`crate::linear_dot`].
+pub(crate) fn wide_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| available() && std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Writes the convolution of a batch `x` (`batch × c_in × h × w`) with `w` (`c_out × c_in ×
 /// kh × kw`) plus `b` into every element of `out` (`batch × c_out × oh × ow`, which may
 /// start uninitialised). `None` (and `out` untouched) where the kernel does not run here
 /// ([`available`]) or the buffers do not match the shape.
 pub(crate) fn forward(
+    g: &DirectConv,
+    batch: usize,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) -> Option<()> {
+    forward_on(wide_available(), g, batch, x, w, b, out)
+}
+
+/// [`forward`] in 16-lane tiles where `wide` (and AVX-512F is present), else in 8-lane
+/// ones: the tests run both on a machine that has both.
+fn forward_on(
+    wide: bool,
     g: &DirectConv,
     batch: usize,
     x: &[f32],
@@ -108,7 +136,13 @@ pub(crate) fn forward(
     if !available() || !fits {
         return None;
     }
-    let packed = pack_weights(g, w);
+    let wide = wide && wide_available();
+    let packed = if wide {
+        pack_weights_wide(g, w)
+    } else {
+        pack_weights(g, w)
+    };
+    let block_len = packed.len() / g.c_out.div_ceil(CHANNELS).max(1);
     let blocks = g.c_out.div_ceil(CHANNELS);
     // Enough work items for every thread: whole samples for a batch, blocks of output
     // channels for a single image.
@@ -143,21 +177,26 @@ pub(crate) fn forward(
         for block in blocks {
             let c0 = block * CHANNELS;
             let channels = CHANNELS.min(g.c_out - c0);
-            let weights = &packed[block * g.k() * CHANNELS..(block + 1) * g.k() * CHANNELS];
+            let weights = &packed[block * block_len..(block + 1) * block_len];
             let mut bias = [0f32; CHANNELS];
             if let Some(b) = b {
                 bias[..channels].copy_from_slice(&b[c0..c0 + channels]);
             }
             let at = (c0 - first * CHANNELS) * plane;
             let dst = &mut dst[at..at + channels * plane];
-            // SAFETY: `available()` held above, so AVX2 and FMA are present; the buffers'
-            // lengths were checked against the shape (`input`, `weights` and `dst` are
-            // this sample's padded input, this block's packed weights and its channels'
-            // output planes). The tiles cover every output value, so all of `out` is
-            // written once every block has run.
+            // SAFETY: `available()` held above, so AVX2 and FMA are present, and AVX-512F
+            // where `wide`; the buffers' lengths were checked against the shape (`input`,
+            // `weights` and `dst` are this sample's padded input, this block's packed
+            // weights, in the layout of its width, and its channels' output planes). The
+            // tiles cover every output value, so all of `out` is written once every block
+            // has run.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                block_x86(g, input, weights, &bias, channels, dst)
+                if wide {
+                    block_x86_wide(g, input, weights, &bias, channels, dst)
+                } else {
+                    block_x86(g, input, weights, &bias, channels, dst)
+                }
             };
             #[cfg(not(target_arch = "x86_64"))]
             unreachable!(
@@ -180,6 +219,24 @@ fn pack_weights(g: &DirectConv, w: &[f32]) -> Vec<f32> {
         let (block, j) = (o / CHANNELS, o % CHANNELS);
         for (t, &v) in row.iter().enumerate() {
             packed[(block * k + t) * CHANNELS + j] = v;
+        }
+    }
+    packed
+}
+
+/// Weights for the 16-lane tiles, by blocks of [`CHANNELS`] output channels: per tap, per
+/// pair of channels, one vector of the pair's first weight 8 times then its second's 8
+/// times (zeros past the last channel), so that one load gives the tap to both halves of
+/// a vector that holds 8 columns of each channel.
+fn pack_weights_wide(g: &DirectConv, w: &[f32]) -> Vec<f32> {
+    let k = g.k();
+    let blocks = g.c_out.div_ceil(CHANNELS);
+    let mut packed = vec![0f32; blocks * k * CHANNELS * LANES];
+    for (o, row) in w.chunks_exact(k).enumerate() {
+        let (block, j) = (o / CHANNELS, o % CHANNELS);
+        for (t, &v) in row.iter().enumerate() {
+            let at = ((block * k + t) * CHANNELS + j) * LANES;
+            packed[at..at + LANES].fill(v);
         }
     }
     packed
@@ -222,16 +279,7 @@ unsafe fn block_x86(
     let (oh, ow) = g.out_size();
     debug_assert!(input.len() == g.c_in * hp * wp);
     debug_assert!(weights.len() == g.k() * CHANNELS && dst.len() == channels * oh * ow);
-    let shape = Tile {
-        plane: hp * wp,
-        row: wp,
-        c_in: g.c_in,
-        kh: g.kh,
-        kw: g.kw,
-        out_plane: oh * ow,
-        out_row: ow,
-        relu: g.relu,
-    };
+    let shape = Tile::of(g);
     if g.pool {
         // Two convolution rows and 8 columns a tile make one pooled row of 4 values.
         for py in 0..oh {
@@ -280,6 +328,178 @@ unsafe fn block_x86(
     }
 }
 
+/// Output rows per tile of the 16-lane kernel (two pooled rows with pooling).
+const WIDE_ROWS: usize = 4;
+
+/// [`block_x86`] in 16-lane tiles: each vector holds 8 columns of two output channels, so
+/// that a tile of 4 channels × 4 rows × 8 columns keeps 8 accumulators, and one FMA of an
+/// input vector (the same 8 values in both halves) with a pair's packed weights serves both
+/// channels.
+///
+/// # Safety
+/// As [`block_x86`], with AVX-512F, and `weights` packed by [`pack_weights_wide`]
+/// (`k · CHANNELS · 8` values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn block_x86_wide(
+    g: &DirectConv,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32; CHANNELS],
+    channels: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    let (hp, wp) = g.padded();
+    let (oh, ow) = g.out_size();
+    debug_assert!(input.len() == g.c_in * hp * wp);
+    debug_assert!(weights.len() == g.k() * CHANNELS * LANES && dst.len() == channels * oh * ow);
+    let shape = Tile::of(g);
+    let pairs = channels.div_ceil(2);
+    // The convolution's rows and columns that make the output (a last odd one is dropped
+    // by the pooling).
+    let (conv_rows, conv_cols) = if g.pool { (2 * oh, 2 * ow) } else { (oh, ow) };
+    for cy in (0..conv_rows).step_by(WIDE_ROWS) {
+        let rows = WIDE_ROWS.min(conv_rows - cy);
+        for cx in (0..conv_cols).step_by(LANES) {
+            let cols = LANES.min(conv_cols - cx);
+            let mask = lane_mask(cols);
+            let src = input.as_ptr().add(cy * wp + cx);
+            let out = if g.pool {
+                dst.as_mut_ptr().cast::<f32>().add(cy / 2 * ow + cx / 2)
+            } else {
+                dst.as_mut_ptr().cast::<f32>().add(cy * ow + cx)
+            };
+            let args = (src, weights.as_ptr(), bias, out, mask, channels);
+            macro_rules! dispatch {
+                ($pool:literal; $($p:literal $r:literal),*) => {
+                    match (pairs, rows, cols == LANES) {
+                        $(
+                            ($p, $r, true) => wide_tile::<$p, $r, true, $pool>(&shape, args),
+                            ($p, $r, false) => wide_tile::<$p, $r, false, $pool>(&shape, args),
+                        )*
+                        _ => unreachable!("tiles have 1 to 2 pairs and 1 to {WIDE_ROWS} rows"),
+                    }
+                };
+            }
+            if g.pool {
+                dispatch!(true; 1 2, 1 4, 2 2, 2 4);
+            } else {
+                dispatch!(false; 1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4);
+            }
+        }
+    }
+}
+
+/// `P` pairs of channels × `R` rows × 8 columns (the first `mask` lanes unless `FULL`) of
+/// output at `out`, reading the input from `src`; of the pairs' channels, only the first
+/// `channels` are written. With `POOL` (`R` even), the tile's 2×2 maxima instead: `R / 2`
+/// rows × 4 columns.
+///
+/// # Safety
+/// As [`tile`], with AVX-512F and the weights of [`pack_weights_wide`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::type_complexity)]
+unsafe fn wide_tile<const P: usize, const R: usize, const FULL: bool, const POOL: bool>(
+    t: &Tile,
+    (src, weights, bias, out, mask, channels): (
+        *const f32,
+        *const f32,
+        &[f32; CHANNELS],
+        *mut f32,
+        std::arch::x86_64::__m256i,
+        usize,
+    ),
+) {
+    use std::arch::x86_64::*;
+    const PAIR: usize = 2 * LANES;
+    let mut acc = [[_mm512_setzero_ps(); R]; P];
+    for (p, row) in acc.iter_mut().enumerate() {
+        let b = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(bias[2 * p]),
+            _mm512_set1_ps(bias[2 * p + 1]),
+        );
+        *row = [b; R];
+    }
+    let mut v = [_mm512_setzero_ps(); R];
+    for c in 0..t.c_in {
+        for ky in 0..t.kh {
+            let line = src.add(c * t.plane + ky * t.row);
+            let taps = weights.add((c * t.kh + ky) * t.kw * CHANNELS * LANES);
+            for kx in 0..t.kw {
+                for (r, v) in v.iter_mut().enumerate() {
+                    let p = line.add(r * t.row + kx);
+                    let eight = if FULL {
+                        _mm256_loadu_ps(p)
+                    } else {
+                        _mm256_maskload_ps(p, mask)
+                    };
+                    *v = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(eight)));
+                }
+                for (p, row) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_loadu_ps(taps.add(kx * CHANNELS * LANES + p * PAIR));
+                    for (a, &x) in row.iter_mut().zip(&v) {
+                        *a = _mm512_fmadd_ps(x, wv, *a);
+                    }
+                }
+            }
+        }
+    }
+    let zero = _mm512_setzero_ps();
+    let relu = |a: __m512| if t.relu { _mm512_max_ps(zero, a) } else { a };
+    if POOL {
+        // Pair maxima of adjacent lanes land on the even lanes; each half's four move to
+        // the vector's first two quarters.
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        for (p, row) in acc.iter().enumerate() {
+            for q in 0..R / 2 {
+                let m = nan_max_wide(relu(row[2 * q]), relu(row[2 * q + 1]));
+                let m = nan_max_wide(m, _mm512_permute_ps(m, 0b10_11_00_01));
+                let m = _mm512_permutexvar_ps(evens, m);
+                let quarters = [_mm512_castps512_ps128(m), _mm512_extractf32x4_ps(m, 1)];
+                for (j, &quarter) in quarters.iter().enumerate() {
+                    if 2 * p + j >= channels {
+                        continue;
+                    }
+                    let at = out.add((2 * p + j) * t.out_plane + q * t.out_row);
+                    store_pooled::<FULL>(at, quarter, mask);
+                }
+            }
+        }
+        return;
+    }
+    for (p, row) in acc.iter().enumerate() {
+        for (r, &a) in row.iter().enumerate() {
+            let a = relu(a);
+            let high = _mm512_extractf64x4_pd(_mm512_castps_pd(a), 1);
+            let halves = [_mm512_castps512_ps256(a), _mm256_castpd_ps(high)];
+            for (j, &half) in halves.iter().enumerate() {
+                if 2 * p + j >= channels {
+                    continue;
+                }
+                store8::<FULL>(
+                    out.add((2 * p + j) * t.out_plane + r * t.out_row),
+                    half,
+                    mask,
+                );
+            }
+        }
+    }
+}
+
+/// [`nan_max`] on 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn nan_max_wide(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let a_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a);
+    _mm512_mask_blend_ps(a_nan, _mm512_max_ps(a, b), a)
+}
+
 /// A mask with lanes `0..cols` on (sign bit set) and the rest off.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -299,6 +519,61 @@ struct Tile {
     out_plane: usize,
     out_row: usize,
     relu: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile {
+    fn of(g: &DirectConv) -> Self {
+        let (hp, wp) = g.padded();
+        let (oh, ow) = g.out_size();
+        Tile {
+            plane: hp * wp,
+            row: wp,
+            c_in: g.c_in,
+            kh: g.kh,
+            kw: g.kw,
+            out_plane: oh * ow,
+            out_row: ow,
+            relu: g.relu,
+        }
+    }
+}
+
+/// Stores 8 values at `at`, only the lanes of `mask` unless `FULL`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn store8<const FULL: bool>(
+    at: *mut f32,
+    v: std::arch::x86_64::__m256,
+    mask: std::arch::x86_64::__m256i,
+) {
+    use std::arch::x86_64::*;
+    if FULL {
+        _mm256_storeu_ps(at, v);
+    } else {
+        _mm256_maskstore_ps(at, mask, v);
+    }
+}
+
+/// Stores 4 pooled values at `at`, only those whose two columns lie inside the tile's
+/// `mask` unless `FULL`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn store_pooled<const FULL: bool>(
+    at: *mut f32,
+    v: std::arch::x86_64::__m128,
+    mask: std::arch::x86_64::__m256i,
+) {
+    use std::arch::x86_64::*;
+    if FULL {
+        _mm_storeu_ps(at, v);
+    } else {
+        let columns = _mm256_movemask_ps(_mm256_castsi256_ps(mask));
+        let lanes: [i32; 4] = std::array::from_fn(|l| -(columns >> (2 * l + 1) & 1));
+        _mm_maskstore_ps(at, _mm_loadu_si128(lanes.as_ptr().cast()), v);
+    }
 }
 
 /// `C` channels × `R` rows × 8 columns (the first `mask` lanes unless `FULL`) of output at
@@ -353,25 +628,12 @@ unsafe fn tile<const C: usize, const R: usize, const FULL: bool, const POOL: boo
     if POOL {
         // Pair maxima of adjacent lanes land on the even lanes, which move to the low half.
         let evens = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-        let lanes: [i32; 4] = std::array::from_fn(|l| {
-            if FULL || _mm256_movemask_ps(_mm256_castsi256_ps(mask)) >> (2 * l + 1) & 1 == 1 {
-                -1
-            } else {
-                0
-            }
-        });
-        let half = _mm_loadu_si128(lanes.as_ptr().cast());
         for (j, row) in acc.iter().enumerate() {
             let rows = row.map(|a| if t.relu { _mm256_max_ps(zero, a) } else { a });
             let m = nan_max(rows[0], rows[R - 1]);
             let m = nan_max(m, _mm256_permute_ps(m, 0b10_11_00_01));
             let m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(m, evens));
-            let p = out.add(j * t.out_plane);
-            if FULL {
-                _mm_storeu_ps(p, m);
-            } else {
-                _mm_maskstore_ps(p, half, m);
-            }
+            store_pooled::<FULL>(out.add(j * t.out_plane), m, mask);
         }
         return;
     }
@@ -379,12 +641,7 @@ unsafe fn tile<const C: usize, const R: usize, const FULL: bool, const POOL: boo
         for (r, &a) in row.iter().enumerate() {
             // `max(0, a)` keeps a NaN (the second operand wins on NaN), as `relu_if` does.
             let a = if t.relu { _mm256_max_ps(zero, a) } else { a };
-            let p = out.add(j * t.out_plane + r * t.out_row);
-            if FULL {
-                _mm256_storeu_ps(p, a);
-            } else {
-                _mm256_maskstore_ps(p, mask, a);
-            }
+            store8::<FULL>(out.add(j * t.out_plane + r * t.out_row), a, mask);
         }
     }
 }
@@ -478,6 +735,9 @@ mod tests {
             eprintln!("SKIPPED: no AVX2 + FMA on this machine, the direct kernel never runs");
             return;
         }
+        if !wide_available() {
+            eprintln!("no AVX-512F on this machine: the 16-lane tiles are not tested");
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         // Channel counts and output sizes that leave every remainder of the 4-channel,
         // 3-row and 8-column tiles, with and without padding and bias, batch 1 and more.
@@ -517,17 +777,19 @@ mod tests {
             let wt = draw(c_out * g.k());
             let b = draw(c_out);
             let b = bias.then_some(b.as_slice());
-            let mut ours = vec![MaybeUninit::new(f32::NAN); batch * g.out_len()];
-            forward(&g, batch, &x, &wt, b, &mut ours).expect("the kernel runs");
-            // SAFETY: initialised (with NaN, then by the kernel).
-            let ours: Vec<f32> = ours.iter().map(|v| unsafe { v.assume_init() }).collect();
             let want = reference(&g, batch, &x, &wt, b);
-            assert_eq!(ours.len(), want.len(), "{g:?}");
-            for (i, (&a, &e)) in ours.iter().zip(&want).enumerate() {
-                assert!(
-                    (a as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                    "{g:?} batch {batch}: output {i} is {a}, expected {e}"
-                );
+            for wide in [false, true] {
+                let mut ours = vec![MaybeUninit::new(f32::NAN); batch * g.out_len()];
+                forward_on(wide, &g, batch, &x, &wt, b, &mut ours).expect("the kernel runs");
+                // SAFETY: initialised (with NaN, then by the kernel).
+                let ours: Vec<f32> = ours.iter().map(|v| unsafe { v.assume_init() }).collect();
+                assert_eq!(ours.len(), want.len(), "{g:?}");
+                for (i, (&a, &e)) in ours.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{g:?} batch {batch} wide {wide}: output {i} is {a}, expected {e}"
+                    );
+                }
             }
         }
     }
