@@ -29,7 +29,9 @@ const TILE_COLS: usize = 3;
 /// 56→10 1.8 against 1.3 µs, 300→10 6.9 against 4.4 µs, 400→120 46.6 against 41.4 µs.
 pub(crate) fn prefers(i: usize, o: usize) -> bool {
     let fits = crate::conv_direct::available() && i >= LANES && o * i <= MAX_WEIGHTS;
-    fits && (!wide_available() || o <= WIDE_MAX_OUTPUTS || i >= WIDE_MIN_INPUTS_PER_OUTPUT * o)
+    fits && (!crate::conv_direct::wide_available()
+        || o <= WIDE_MAX_OUTPUTS
+        || i >= WIDE_MIN_INPUTS_PER_OUTPUT * o)
 }
 
 /// With AVX-512: the most outputs a layer of any input length runs here ...
@@ -52,7 +54,16 @@ pub(crate) fn forward(
     rows: std::ops::Range<usize>,
     y: &mut [f32],
 ) -> bool {
-    forward_on(wide_available(), x, w, b, relu, (n, i, o), rows, y)
+    forward_on(
+        crate::conv_direct::wide_available(),
+        x,
+        w,
+        b,
+        relu,
+        (n, i, o),
+        rows,
+        y,
+    )
 }
 
 /// [`forward`] in 16-lane tiles where `wide` (and AVX-512F is present), else in 8-lane
@@ -78,7 +89,7 @@ fn forward_on(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let wide = wide && wide_available();
+        let wide = wide && crate::conv_direct::wide_available();
         // SAFETY: AVX2 and FMA are present (checked above), and AVX-512F where `wide`;
         // every pointer the tiles form stays inside the slices, whose lengths were checked
         // against the shape.
@@ -88,21 +99,6 @@ fn forward_on(
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (wide, relu, rows);
-        false
-    }
-}
-
-/// Whether the 16-lane (AVX-512F) tiles run here, on top of AVX2 and FMA.
-fn wide_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            crate::conv_direct::available() && std::arch::is_x86_feature_detected!("avx512f")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
         false
     }
 }
@@ -493,7 +489,7 @@ mod tests {
             eprintln!("linear_dot: no AVX2/FMA on this machine, kernel not tested");
             return;
         }
-        if !wide_available() {
+        if !crate::conv_direct::wide_available() {
             eprintln!("linear_dot: no AVX-512F on this machine, 16-lane tiles not tested");
         }
         for wide in [false, true] {
