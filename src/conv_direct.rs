@@ -137,12 +137,7 @@ fn forward_on(
         return None;
     }
     let wide = wide && wide_available();
-    let packed = if wide {
-        pack_weights_wide(g, w)
-    } else {
-        pack_weights(g, w)
-    };
-    let block_len = packed.len() / g.c_out.div_ceil(CHANNELS).max(1);
+    let packed = pack_weights(g, w);
     let blocks = g.c_out.div_ceil(CHANNELS);
     // Enough work items for every thread: whole samples for a batch, blocks of output
     // channels for a single image.
@@ -177,7 +172,7 @@ fn forward_on(
         for block in blocks {
             let c0 = block * CHANNELS;
             let channels = CHANNELS.min(g.c_out - c0);
-            let weights = &packed[block * block_len..(block + 1) * block_len];
+            let weights = &packed[block * g.k() * CHANNELS..(block + 1) * g.k() * CHANNELS];
             let mut bias = [0f32; CHANNELS];
             if let Some(b) = b {
                 bias[..channels].copy_from_slice(&b[c0..c0 + channels]);
@@ -187,9 +182,8 @@ fn forward_on(
             // SAFETY: `available()` held above, so AVX2 and FMA are present, and AVX-512F
             // where `wide`; the buffers' lengths were checked against the shape (`input`,
             // `weights` and `dst` are this sample's padded input, this block's packed
-            // weights, in the layout of its width, and its channels' output planes). The
-            // tiles cover every output value, so all of `out` is written once every block
-            // has run.
+            // weights and its channels' output planes). The tiles cover every output
+            // value, so all of `out` is written once every block has run.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 if wide {
@@ -219,24 +213,6 @@ fn pack_weights(g: &DirectConv, w: &[f32]) -> Vec<f32> {
         let (block, j) = (o / CHANNELS, o % CHANNELS);
         for (t, &v) in row.iter().enumerate() {
             packed[(block * k + t) * CHANNELS + j] = v;
-        }
-    }
-    packed
-}
-
-/// Weights for the 16-lane tiles, by blocks of [`CHANNELS`] output channels: per tap, per
-/// pair of channels, one vector of the pair's first weight 8 times then its second's 8
-/// times (zeros past the last channel), so that one load gives the tap to both halves of
-/// a vector that holds 8 columns of each channel.
-fn pack_weights_wide(g: &DirectConv, w: &[f32]) -> Vec<f32> {
-    let k = g.k();
-    let blocks = g.c_out.div_ceil(CHANNELS);
-    let mut packed = vec![0f32; blocks * k * CHANNELS * LANES];
-    for (o, row) in w.chunks_exact(k).enumerate() {
-        let (block, j) = (o / CHANNELS, o % CHANNELS);
-        for (t, &v) in row.iter().enumerate() {
-            let at = ((block * k + t) * CHANNELS + j) * LANES;
-            packed[at..at + LANES].fill(v);
         }
     }
     packed
@@ -333,12 +309,12 @@ const WIDE_ROWS: usize = 4;
 
 /// [`block_x86`] in 16-lane tiles: each vector holds 8 columns of two output channels, so
 /// that a tile of 4 channels × 4 rows × 8 columns keeps 8 accumulators, and one FMA of an
-/// input vector (the same 8 values in both halves) with a pair's packed weights serves both
-/// channels.
+/// input vector (the same 8 values in both halves) with a vector of the pair's two weights
+/// (8 copies of each, spread from the tap's 4 packed weights by one permutation) serves
+/// both channels.
 ///
 /// # Safety
-/// As [`block_x86`], with AVX-512F, and `weights` packed by [`pack_weights_wide`]
-/// (`k · CHANNELS · 8` values).
+/// As [`block_x86`], with AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn block_x86_wide(
@@ -352,7 +328,7 @@ unsafe fn block_x86_wide(
     let (hp, wp) = g.padded();
     let (oh, ow) = g.out_size();
     debug_assert!(input.len() == g.c_in * hp * wp);
-    debug_assert!(weights.len() == g.k() * CHANNELS * LANES && dst.len() == channels * oh * ow);
+    debug_assert!(weights.len() == g.k() * CHANNELS && dst.len() == channels * oh * ow);
     let shape = Tile::of(g);
     let pairs = channels.div_ceil(2);
     // The convolution's rows and columns that make the output (a last odd one is dropped
@@ -396,7 +372,7 @@ unsafe fn block_x86_wide(
 /// rows × 4 columns.
 ///
 /// # Safety
-/// As [`tile`], with AVX-512F and the weights of [`pack_weights_wide`].
+/// As [`tile`], with AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::type_complexity)]
@@ -412,8 +388,13 @@ unsafe fn wide_tile<const P: usize, const R: usize, const FULL: bool, const POOL
     ),
 ) {
     use std::arch::x86_64::*;
-    const PAIR: usize = 2 * LANES;
     let mut acc = [[_mm512_setzero_ps(); R]; P];
+    // Per pair: the lanes of a tap's 4 weights that fill its two halves.
+    let mut spread = [_mm512_setzero_si512(); P];
+    for (p, s) in spread.iter_mut().enumerate() {
+        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+        *s = _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
+    }
     for (p, row) in acc.iter_mut().enumerate() {
         let b = _mm512_mask_blend_ps(
             0xFF00,
@@ -426,7 +407,7 @@ unsafe fn wide_tile<const P: usize, const R: usize, const FULL: bool, const POOL
     for c in 0..t.c_in {
         for ky in 0..t.kh {
             let line = src.add(c * t.plane + ky * t.row);
-            let taps = weights.add((c * t.kh + ky) * t.kw * CHANNELS * LANES);
+            let taps = weights.add((c * t.kh + ky) * t.kw * CHANNELS);
             for kx in 0..t.kw {
                 for (r, v) in v.iter_mut().enumerate() {
                     let p = line.add(r * t.row + kx);
@@ -437,8 +418,9 @@ unsafe fn wide_tile<const P: usize, const R: usize, const FULL: bool, const POOL
                     };
                     *v = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(eight)));
                 }
-                for (p, row) in acc.iter_mut().enumerate() {
-                    let wv = _mm512_loadu_ps(taps.add(kx * CHANNELS * LANES + p * PAIR));
+                let four = _mm512_castps128_ps512(_mm_loadu_ps(taps.add(kx * CHANNELS)));
+                for (row, &s) in acc.iter_mut().zip(&spread) {
+                    let wv = _mm512_permutexvar_ps(s, four);
                     for (a, &x) in row.iter_mut().zip(&v) {
                         *a = _mm512_fmadd_ps(x, wv, *a);
                     }
