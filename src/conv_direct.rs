@@ -304,11 +304,14 @@ unsafe fn block_x86(
     }
 }
 
-/// Output rows per tile of the 16-lane kernel (two pooled rows with pooling).
+/// Output rows per tile of the 16-lane kernel (two pooled rows with pooling), for two
+/// pairs of channels; a single pair takes twice as many rows, so that its tile, too, keeps
+/// 8 accumulators, enough to cover the FMAs' latency.
 const WIDE_ROWS: usize = 4;
 
 /// [`block_x86`] in 16-lane tiles: each vector holds 8 columns of two output channels, so
-/// that a tile of 4 channels × 4 rows × 8 columns keeps 8 accumulators, and one FMA of an
+/// that a tile of 4 channels × 4 rows × 8 columns (2 channels × 8 rows) keeps 8
+/// accumulators, and one FMA of an
 /// input vector (the same 8 values in both halves) with a vector of the pair's two weights
 /// (8 copies of each, spread from the tap's 4 packed weights by one permutation) serves
 /// both channels.
@@ -334,8 +337,9 @@ unsafe fn block_x86_wide(
     // The convolution's rows and columns that make the output (a last odd one is dropped
     // by the pooling).
     let (conv_rows, conv_cols) = if g.pool { (2 * oh, 2 * ow) } else { (oh, ow) };
-    for cy in (0..conv_rows).step_by(WIDE_ROWS) {
-        let rows = WIDE_ROWS.min(conv_rows - cy);
+    let tile_rows = WIDE_ROWS * 2 / pairs.max(1);
+    for cy in (0..conv_rows).step_by(tile_rows) {
+        let rows = tile_rows.min(conv_rows - cy);
         for cx in (0..conv_cols).step_by(LANES) {
             let cols = LANES.min(conv_cols - cx);
             let mask = lane_mask(cols);
@@ -353,14 +357,14 @@ unsafe fn block_x86_wide(
                             ($p, $r, true) => wide_tile::<$p, $r, true, $pool>(&shape, args),
                             ($p, $r, false) => wide_tile::<$p, $r, false, $pool>(&shape, args),
                         )*
-                        _ => unreachable!("tiles have 1 to 2 pairs and 1 to {WIDE_ROWS} rows"),
+                        _ => unreachable!("tiles have 1 pair and 1 to 8 rows or 2 and 1 to 4"),
                     }
                 };
             }
             if g.pool {
-                dispatch!(true; 1 2, 1 4, 2 2, 2 4);
+                dispatch!(true; 1 2, 1 4, 1 6, 1 8, 2 2, 2 4);
             } else {
-                dispatch!(false; 1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4);
+                dispatch!(false; 1 1, 1 2, 1 3, 1 4, 1 5, 1 6, 1 7, 1 8, 2 1, 2 2, 2 3, 2 4);
             }
         }
     }
