@@ -1288,6 +1288,22 @@ impl PoolGeometry {
         best
     }
 
+    /// [`argmax`](Self::argmax) of a 2×2 window with stride 2, by selects instead of
+    /// branches: on real activations which of the four wins is a coin toss, and the
+    /// branches' mispredictions made LeNet5's pooling gradients 15% of its training step.
+    fn argmax_2x2<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
+        let top = 2 * oy * self.w + 2 * ox;
+        let at = [top, top + 1, top + self.w, top + self.w + 1];
+        let (mut best, mut best_v) = (at[0], plane[at[0]]);
+        for &i in &at[1..] {
+            let v = plane[i];
+            let win = wins(v, best_v);
+            best = if win { i } else { best };
+            best_v = if win { v } else { best_v };
+        }
+        best
+    }
+
     /// Pools one plane into `out` (`oh × ow`). Windows that tile the plane (kernel =
     /// stride, LeNet's 2×2) take a running maximum over whole rows, with no index
     /// bookkeeping: the values an argmax would pick.
@@ -1356,7 +1372,12 @@ fn pool_backward<T: WithDType>(g: &PoolGeometry, x: &[T], grad: &[T]) -> Result<
         let gp = &grad[p * ohw..(p + 1) * ohw];
         for oy in 0..g.oh {
             for ox in 0..g.ow {
-                d[g.argmax(plane, oy, ox)] += gp[oy * g.ow + ox];
+                let at = if g.kernel == 2 && g.stride == 2 {
+                    g.argmax_2x2(plane, oy, ox)
+                } else {
+                    g.argmax(plane, oy, ox)
+                };
+                d[at] += gp[oy * g.ow + ox];
             }
         }
     });
@@ -2611,6 +2632,39 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every filling of a 2×2 window from values with ties, both zeros, infinities and
+    /// NaNs: the branch-free argmax picks the position the general one picks (the first
+    /// maximum, or the last NaN), in windows at every offset of a plane.
+    #[test]
+    fn the_2x2_argmax_picks_what_the_general_one_picks() {
+        let values = [0.0f64, -0.0, 1.0, -1.0, f64::INFINITY, f64::NAN];
+        let g = PoolGeometry {
+            planes: 1,
+            h: 5,
+            w: 7,
+            kernel: 2,
+            stride: 2,
+            oh: 2,
+            ow: 3,
+        };
+        let n = values.len();
+        for code in 0..n.pow(4) {
+            let window: Vec<f64> = (0..4).map(|k| values[code / n.pow(k) % n]).collect();
+            for (oy, ox) in [(0, 0), (1, 2)] {
+                let mut plane = vec![0.5f64; g.h * g.w];
+                let top = 2 * oy * g.w + 2 * ox;
+                for (k, &v) in window.iter().enumerate() {
+                    plane[top + k / 2 * g.w + k % 2] = v;
+                }
+                assert_eq!(
+                    g.argmax_2x2(&plane, oy, ox),
+                    g.argmax(&plane, oy, ox),
+                    "window {window:?} at ({oy}, {ox})"
+                );
+            }
+        }
+    }
 
     #[test]
     fn adam_counts_subnormal_gradients_and_moments_as_zero() {
