@@ -313,10 +313,9 @@ const WIDE_ROWS: usize = 4;
 
 /// [`block_x86`] in 16-lane tiles: each vector holds 8 columns of two output channels, so
 /// that a tile of 4 channels × 4 rows × 8 columns (2 channels × 8 rows) keeps 8
-/// accumulators, and one FMA of an
-/// input vector (the same 8 values in both halves) with a vector of the pair's two weights
-/// (8 copies of each, spread from the tap's 4 packed weights by one permutation) serves
-/// both channels.
+/// accumulators, and one FMA of an input vector (the same 8 values in both halves) with a
+/// vector of the pair's two weights (8 copies of each, spread from the tap's 4 packed
+/// weights by one permutation) serves both channels.
 ///
 /// # Safety
 /// As [`block_x86`], with AVX-512F.
