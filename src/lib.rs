@@ -10,6 +10,7 @@ pub mod criteria;
 pub mod data;
 pub mod error;
 pub mod experiment;
+mod gather;
 pub mod layer;
 mod linear_dot;
 pub mod models;

@@ -1732,15 +1732,15 @@ struct SelectOp {
 fn select_forward<T: WithDType>(op: &SelectOp, x: &[T]) -> Result<Vec<T>> {
     let (units, inner, k) = (op.units, op.inner, op.idx.len());
     let batch = x.len() / (units * inner).max(1);
+    if inner == 1 {
+        // Features of a flat input: a gather, not a copy per feature.
+        return crate::gather::gather_rows(x, units, &op.idx)
+            .ok_or_else(|| candle::Error::Msg(format!("select: {k} indices into {units}")));
+    }
     let mut out = Vec::with_capacity(batch * k * inner);
     for row in x.chunks_exact(units * inner) {
-        if inner == 1 {
-            // Features of a flat input: a gather, not a copy per feature.
-            out.extend(op.idx.iter().map(|&j| row[j]));
-        } else {
-            for &j in op.idx.iter() {
-                out.extend_from_slice(&row[j * inner..(j + 1) * inner]);
-            }
+        for &j in op.idx.iter() {
+            out.extend_from_slice(&row[j * inner..(j + 1) * inner]);
         }
     }
     Ok(out)
