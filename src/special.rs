@@ -57,6 +57,9 @@ pub(crate) struct MillsTails {
     pub t2: f64,
 }
 
+/// The continued fraction's level below which [`mills_tails`] steps backwards.
+const FORWARD_TO: usize = 6;
+
 pub(crate) fn mills_tails(x: f64) -> MillsTails {
     debug_assert!(x >= CF_START);
     let depth = if x < 4.0 {
@@ -66,8 +69,21 @@ pub(crate) fn mills_tails(x: f64) -> MillsTails {
     } else {
         24
     };
-    let mut t = x;
-    for k in (3..=depth).rev() {
+    // The deep part, `T_FORWARD_TO`, by the forward recurrence of its convergents `A/B`
+    // (scaled by `x` per level, so they stay in range): a chain of additions instead of
+    // one of divisions, three times faster. Its few ulps of accumulated error are damped
+    // by the backward steps that follow (each scales it by `k/T_k² < 1/2`): the tails
+    // come out within 2e-16 of mpmath's, as the all-backward recurrence did.
+    let c = 1.0 / (x * x);
+    let (mut a_prev, mut a) = (x, x);
+    let (mut b_prev, mut b) = (0.0, 1.0);
+    for k in FORWARD_TO + 1..=depth {
+        let s = k as f64 * c;
+        (a_prev, a) = (a, a + s * a_prev);
+        (b_prev, b) = (b, b + s * b_prev);
+    }
+    let mut t = a / b;
+    for k in (3..=FORWARD_TO).rev() {
         t = x + k as f64 / t;
     }
     let t2 = t;
@@ -118,9 +134,63 @@ pub(crate) fn mills_and_inv_mills_excess(x: f64) -> (f64, f64) {
     }
 }
 
+/// The Mills ratio at one point with what a Newton step in its argument needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MillsAt {
+    /// `ℓ(x)`.
+    pub ell: f64,
+    /// `R(x)`.
+    pub r: f64,
+    /// `c(x) = 1/R(x) - x`.
+    pub c: f64,
+    /// `c'(x) = c² + x c - 1`.
+    pub dc: f64,
+}
+
+/// [`MillsAt`] `x` from one evaluation: `ell` and `r` bit for bit what
+/// [`log_mills_and_mills`] returns, `r` and `c` what [`mills_and_inv_mills_excess`] does.
+pub(crate) fn mills_at(x: f64) -> MillsAt {
+    if x >= CF_START {
+        let t = mills_tails(x);
+        let c = 1.0 / t.t1;
+        // x c - 1 = -2/(T1 T2) without cancellation.
+        let dc = c * (c - 2.0 / t.t2);
+        MillsAt {
+            ell: -t.t0.ln(),
+            r: 1.0 / t.t0,
+            c,
+            dc,
+        }
+    } else {
+        let ell = log_mills_by_erfc(x);
+        let r = ell.exp();
+        let c = 1.0 / r - x;
+        MillsAt {
+            ell,
+            r,
+            c,
+            dc: c * c + x * c - 1.0,
+        }
+    }
+}
+
 /// `ℓ(x)` through `erfc`, accurate while `erfc(x/√2)` does not underflow.
 fn log_mills_by_erfc(x: f64) -> f64 {
-    (0.5 * erfc(x / SQRT_2)).ln() + 0.5 * x * x + LN_SQRT_2PI
+    log_mills_from_sf(x, norm_sf(x))
+}
+
+/// `ℓ(x)` from `Φc(x)`.
+fn log_mills_from_sf(x: f64, sf: f64) -> f64 {
+    sf.ln() + 0.5 * x * x + LN_SQRT_2PI
+}
+
+/// `(Φc(x), ℓ(x), R(x))` for `x < CF_START` from one `erfc`: the last two bit for bit
+/// what [`log_mills_and_mills`] returns there.
+pub(crate) fn sf_log_mills_and_mills(x: f64) -> (f64, f64, f64) {
+    debug_assert!(x < CF_START);
+    let sf = norm_sf(x);
+    let ell = log_mills_from_sf(x, sf);
+    (sf, ell, ell.exp())
 }
 
 /// `ln Φc(x)`, finite for every finite `x`.
@@ -222,6 +292,39 @@ mod tests {
             let by_erfc = log_mills_by_erfc(x);
             assert!((by_cf - by_erfc).abs() < 1e-14, "{x}: {by_cf} vs {by_erfc}");
         }
+    }
+
+    /// The all-backward recurrence to depth 200, far past convergence: the form
+    /// [`mills_tails`] replaced for speed, good to 2e-16 of mpmath's 50 digits.
+    fn tails_by_backward_recurrence(x: f64) -> [f64; 3] {
+        let mut t = x;
+        for k in (3..=200).rev() {
+            t = x + k as f64 / t;
+        }
+        let t1 = x + 2.0 / t;
+        [x + 1.0 / t1, t1, t]
+    }
+
+    #[test]
+    fn mills_tails_match_the_backward_recurrence() {
+        // An all-forward evaluation (no backward steps to damp its rounding) is 1.4e-15
+        // off at x = 3: the bound catches it.
+        let mut worst = (0.0f64, 0.0);
+        let grid = (0..4000).map(|i| CF_START + 60.0 * (i as f64 / 4000.0).powi(2));
+        // Far out, where x² overflows and the scaled convergents see no terms at all.
+        for x in grid.chain([1e3, 1e8, 1e20, 1e160, 1e300]) {
+            let t = mills_tails(x);
+            for (got, want) in [t.t0, t.t1, t.t2]
+                .into_iter()
+                .zip(tails_by_backward_recurrence(x))
+            {
+                let err = ((got - want) / want).abs();
+                if err > worst.0 {
+                    worst = (err, x);
+                }
+            }
+        }
+        assert!(worst.0 < 6e-16, "{:.2e} at x = {}", worst.0, worst.1);
     }
 
     #[test]

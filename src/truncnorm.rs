@@ -49,8 +49,9 @@ use crate::error::{Error, Result};
 use statrs::function::erf::erfc_inv;
 const SQRT_2: f64 = std::f64::consts::SQRT_2;
 use crate::special::{
-    gauss_legendre_16, log_mills, log_mills_and_mills, mills_and_inv_mills_excess, mills_tails,
-    norm_cdf, norm_inv_cdf_lower, norm_mass_straddling, norm_pdf, norm_sf, LN_SQRT_2PI,
+    gauss_legendre_16, log_mills, log_mills_and_mills, mills_and_inv_mills_excess, mills_at,
+    mills_tails, norm_cdf, norm_inv_cdf_lower, norm_mass_straddling, norm_pdf, norm_sf,
+    sf_log_mills_and_mills, MillsAt, LN_SQRT_2PI,
 };
 
 /// Default lower bound `a` of `log θ` (the paper's value).
@@ -352,6 +353,8 @@ struct TailWindow {
     beta: f64,
     /// `ℓ(α)`.
     ell_alpha: f64,
+    /// `Φc(α)` where it came with `ℓ(α)` (below the continued fraction's range).
+    sf_alpha: Option<f64>,
     /// `ρ = Φc(β)/Φc(α)`, the share of the upper tail beyond the window.
     rho: f64,
     /// `1 - ρ` and its log, accurate for `ρ` near 1.
@@ -373,21 +376,22 @@ impl TailWindow {
     fn new(alpha: f64, beta: f64) -> Self {
         debug_assert!(alpha >= 0.0 && beta > alpha);
         // One continued fraction (or one erfc) serves both ℓ(α) and 1/R(α).
-        let (ell_alpha, t0, c, alpha_c_minus_1, variance_one_sided) = if alpha >= 3.0 {
+        let (ell_alpha, sf_alpha, t0, c, alpha_c_minus_1, variance_one_sided) = if alpha >= 3.0 {
             let t = mills_tails(alpha);
             let c = 1.0 / t.t1;
             (
                 -t.t0.ln(),
+                None,
                 t.t0,
                 c,
                 -2.0 / (t.t1 * t.t2),
                 (2.0 / t.t2 - 1.0 / t.t1) / t.t1,
             )
         } else {
-            let (ell, r) = log_mills_and_mills(alpha);
+            let (sf, ell, r) = sf_log_mills_and_mills(alpha);
             let t0 = 1.0 / r;
             let c = t0 - alpha;
-            (ell, t0, c, alpha * c - 1.0, 1.0 - t0 * c)
+            (ell, Some(sf), t0, c, alpha * c - 1.0, 1.0 - t0 * c)
         };
         // ℓ decreases, so ln ρ <= -(β² - α²)/2: below -1000, ρ is exactly 0 in f64 either
         // way, and 1/R(β) only ever enters multiplied by ρ (its asymptote β stands in).
@@ -403,6 +407,7 @@ impl TailWindow {
             alpha,
             beta,
             ell_alpha,
+            sf_alpha,
             rho,
             one_minus_rho: -ln_rho.exp_m1(),
             ln_one_minus_rho: ln_one_minus_exp(ln_rho),
@@ -710,6 +715,11 @@ struct TailDraw {
 /// quadratic basin.
 const GUESS_BY_INVERSE_BELOW: f64 = 10.0;
 
+/// The largest final Newton step (times `max(1, y)`) after which a tail draw moves its
+/// last evaluation of the Mills ratio instead of evaluating it again: the neglected
+/// second-order terms are then below 1e-18.
+const FIRST_ORDER_MAX_STEP: f64 = 1e-9;
+
 /// Solves `Φc(α + δ) = v Φc(α) + u Φc(β)` for `δ >= 0` with `v = 1 - u`, i.e.
 /// `g(δ) = -αδ - δ²/2 + ℓ(α + δ) - ℓ(α) - ln(v + uρ) = 0`. `g` is concave and
 /// decreasing, so Newton from `δ = 0` overshoots once and then converges monotonically.
@@ -718,20 +728,19 @@ fn tail_draw(w: &TailWindow, u: f64, v: f64) -> TailDraw {
     let q = v + u * w.rho;
     let r = q.ln();
     let width = beta - alpha;
-    // g(δ) and the Newton scale R(α + δ) from one evaluation of the Mills ratio.
-    let g_and_scale = |d: f64| {
-        let (ell, r_y) = log_mills_and_mills(alpha + d);
-        ((-alpha * d - 0.5 * d * d + ell - w.ell_alpha - r), r_y)
-    };
+    // g(δ), and the Newton scale R(α + δ) with it.
+    let g_at = |d: f64, m: &MillsAt| -alpha * d - 0.5 * d * d + m.ell - w.ell_alpha - r;
     // Start from the exponential tail's δ = -ln q / t0, or near the window's start,
     // where that is crude, from Φc⁻¹(q·Φc(α)) (statrs' erfc⁻¹, good to a few ulps of
     // α + δ, but δ = y - α cancels): one or two Newton steps then finish instead of five
-    // or six.
-    let mut delta = if alpha < GUESS_BY_INVERSE_BELOW {
-        let target = q * norm_sf(alpha);
-        (SQRT_2 * erfc_inv(2.0 * target) - alpha).clamp(0.0, width)
+    // or six, and none where δ >= α, as a few ulps of α + δ are then a few ulps of δ.
+    let (mut delta, polish) = if alpha < GUESS_BY_INVERSE_BELOW {
+        let sf_alpha = w.sf_alpha.unwrap_or_else(|| norm_sf(alpha));
+        let guess = (SQRT_2 * erfc_inv(2.0 * q * sf_alpha) - alpha).clamp(0.0, width);
+        // NaN polishes too (and then restarts below).
+        (guess, guess.is_nan() || guess < alpha)
     } else {
-        (-r / w.t0).min(width)
+        ((-r / w.t0).min(width), true)
     };
     if !delta.is_finite() {
         delta = (-r / w.t0).min(width);
@@ -741,9 +750,13 @@ fn tail_draw(w: &TailWindow, u: f64, v: f64) -> TailDraw {
     // so the step just taken left δ within a few ulps and another evaluation would only
     // confirm it.
     let mut last_move = f64::INFINITY;
-    for _ in 0..100 {
-        let (g, scale) = g_and_scale(delta);
-        let step = g * scale;
+    let newton_steps = if polish { 100 } else { 0 };
+    // The last evaluation and where it was taken.
+    let mut last: Option<(f64, MillsAt)> = None;
+    for _ in 0..newton_steps {
+        let m = mills_at(alpha + delta);
+        last = Some((delta, m));
+        let step = g_at(delta, &m) * m.r;
         let next = (delta + step).clamp(0.0, width);
         let moved = (next - delta).abs();
         if moved.partial_cmp(&last_move) != Some(std::cmp::Ordering::Less) {
@@ -756,7 +769,18 @@ fn tail_draw(w: &TailWindow, u: f64, v: f64) -> TailDraw {
         }
     }
     let y = alpha + delta;
-    let (r_y, c_y) = mills_and_inv_mills_excess(y);
+    // The gradient needs R and c at y. After the usual final step, of a few ulps, the
+    // last evaluation moved along by first order is exact to the step squared
+    // (`R'' / R = 1 - y c` lies in [0, 1] here, and `c''` is as tame), instead of
+    // another evaluation, which for y >= 3 is a continued fraction.
+    let (r_y, c_y) = match last {
+        Some((d, m)) if d == delta => (m.r, m.c),
+        Some((d, m)) if (delta - d).abs() * y.max(1.0) <= FIRST_ORDER_MAX_STEP => {
+            let h = delta - d;
+            (m.r * (1.0 - m.c * h), m.c + m.dc * h)
+        }
+        _ => mills_and_inv_mills_excess(y),
+    };
     let r_alpha = u * w.rho * w.t0 / q;
     let r_beta = -u * w.rho * w.u0 / q;
     let g_alpha = -delta - c_y + w.c - r_alpha;
@@ -811,6 +835,74 @@ mod tests {
         let kl =
             20f64.ln() - (-3.0 + 0.5 * (2.0 * std::f64::consts::PI * std::f64::consts::E).ln());
         assert!((d.kl() / kl - 1.0).abs() < 1e-13);
+    }
+
+    /// Every tail draw, and in particular one that skips Newton (`δ >= α`), solves Newton's
+    /// equation `g(δ) = 0` to the round-off of `g` itself: a wrong target or tail mass in
+    /// the unpolished guess would show. (That the guess is then within a few ulps of `δ`
+    /// follows from `erfc⁻¹`'s accuracy, which `special`'s tests check.)
+    #[test]
+    fn tail_draws_solve_newtons_equation_to_round_off() {
+        let mut skipped = 0;
+        for alpha in [0.0, 0.05, 0.4, 1.0, 2.5, 4.0, 9.0] {
+            for beta in [alpha + 0.5, alpha + 3.0, alpha + 40.0] {
+                let w = TailWindow::new(alpha, beta);
+                for i in 0..500 {
+                    let u = (i as f64 + 0.5) / 500.0;
+                    let t = tail_draw(&w, u, 1.0 - u);
+                    let y = alpha + t.delta;
+                    let (ell, r) = log_mills_and_mills(y);
+                    let q = (1.0 - u) + u * w.rho;
+                    let g = -alpha * t.delta - 0.5 * t.delta * t.delta + ell - w.ell_alpha - q.ln();
+                    let step = (g * r).abs();
+                    // Round-off in g: a few ulps of its largest term, y²/2 or ℓ.
+                    let noise = 8.0 * f64::EPSILON * (1.0 + y * y + ell.abs()) * r;
+                    assert!(
+                        step <= noise.max(1e-15 * t.delta),
+                        "α {alpha} β {beta} u {u}: δ {} step {step:e}",
+                        t.delta
+                    );
+                    skipped += usize::from(t.delta >= alpha && alpha < GUESS_BY_INVERSE_BELOW);
+                }
+            }
+        }
+        assert!(
+            skipped > 3000,
+            "only {skipped} draws took the unpolished path"
+        );
+    }
+
+    /// The draw's derivatives, which reuse Newton's last Mills ratio moved along by first
+    /// order, against the same formula with `R` and `c` evaluated afresh at the draw.
+    #[test]
+    fn tail_draw_gradients_match_a_fresh_evaluation() {
+        let mut reused = 0;
+        for alpha in [0.5, 2.9, 3.0, 3.4, 5.4, 9.9, 10.0, 14.0, 40.0] {
+            for beta in [alpha + 0.01, alpha + 0.7, alpha + 5.0, alpha + 300.0] {
+                let w = TailWindow::new(alpha, beta);
+                for i in 0..400 {
+                    let u = (i as f64 + 0.5) / 400.0;
+                    let t = tail_draw(&w, u, 1.0 - u);
+                    let (r_y, c_y) = mills_and_inv_mills_excess(alpha + t.delta);
+                    let q = (1.0 - u) + u * w.rho;
+                    let g_alpha = -t.delta - c_y + w.c - u * w.rho * w.t0 / q;
+                    let (d_alpha, d_beta) = (g_alpha * r_y, u * w.rho * w.u0 / q * r_y);
+                    // g_alpha cancels where the draw sits near α; its terms set the scale,
+                    // and either way of computing c carries a few ulps of 1/R.
+                    let scale = (t.delta + c_y + w.c + u * w.rho * w.t0 / q) * r_y;
+                    let bad = |got: f64, want: f64, scale: f64| {
+                        (got - want).abs() > 5e-14 * scale.abs().max(want.abs()) + 1e-300
+                    };
+                    assert!(
+                        !bad(t.d_alpha, d_alpha, scale) && !bad(t.d_beta, d_beta, d_beta),
+                        "α {alpha} β {beta} u {u}: {t:?} vs {d_alpha}, {d_beta}"
+                    );
+                    reused += usize::from(t.d_alpha != d_alpha);
+                }
+            }
+        }
+        // The first-order path ran (else the test checks nothing new).
+        assert!(reused > 100, "{reused}");
     }
 
     #[test]
