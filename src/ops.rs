@@ -1732,12 +1732,30 @@ struct SelectOp {
 fn select_forward<T: WithDType>(op: &SelectOp, x: &[T]) -> Result<Vec<T>> {
     let (units, inner, k) = (op.units, op.inner, op.idx.len());
     let batch = x.len() / (units * inner).max(1);
-    if inner == 1 {
-        // Features of a flat input: a gather, not a copy per feature.
-        return crate::gather::gather_rows(x, units, &op.idx)
-            .ok_or_else(|| candle::Error::Msg(format!("select: {k} indices into {units}")));
-    }
     let mut out = Vec::with_capacity(batch * k * inner);
+    if inner == 1 {
+        // Features of a flat input: a gather, not a copy per feature; in f32 the hardware
+        // gather's, into the uninitialised buffer.
+        if let Some(x32) = as_f32(x) {
+            // SAFETY: T is f32 (`as_f32` returned the data), and `MaybeUninit<f32>` has
+            // f32's layout; the capacity holds `batch · k` values.
+            let dst: &mut [MaybeUninit<f32>] = unsafe {
+                std::slice::from_raw_parts_mut(
+                    out.spare_capacity_mut().as_mut_ptr().cast(),
+                    batch * k,
+                )
+            };
+            if crate::gather::gather_rows_f32(x32, units, &op.idx, dst).is_some() {
+                // SAFETY: the gather wrote all `batch · k` values.
+                unsafe { out.set_len(batch * k) };
+                return Ok(out);
+            }
+        }
+        for row in x.chunks_exact(units) {
+            out.extend(op.idx.iter().map(|&j| row[j]));
+        }
+        return Ok(out);
+    }
     for row in x.chunks_exact(units * inner) {
         for &j in op.idx.iter() {
             out.extend_from_slice(&row[j * inner..(j + 1) * inner]);
