@@ -5,8 +5,7 @@
 //! The hardware gathers (16 lanes with AVX-512, 8 with AVX2) take the indices once
 //! checked, and write into an uninitialised buffer: 196 of 784 features over 100 rows in
 //! 3.9 instead of 7.7 µs with indexing. In place, the compressed LeNet-500-300's forward
-//! pass gained about 1 µs of its 56 (its input stays hot in cache, where a lone gather's
-//! does not).
+//! pass gained only about 1 µs of its 56 (why so much less is not pinned down).
 
 use std::mem::MaybeUninit;
 

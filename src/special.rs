@@ -71,7 +71,8 @@ pub(crate) fn mills_tails(x: f64) -> MillsTails {
     };
     // The deep part, `T_FORWARD_TO`, by the forward recurrence of its convergents `A/B`
     // (scaled by `x` per level, so they stay in range): a chain of additions instead of
-    // one of divisions, three times faster. Its few ulps of accumulated error are damped
+    // one of divisions, 32 instead of 70 ns a call over x in [3, 12] (one thread, a loop
+    // of independent calls). Its few ulps of accumulated error are damped
     // by the backward steps that follow (each scales it by `k/T_k² < 1/2`): the tails
     // come out within 2e-16 of mpmath's, as the all-backward recurrence did.
     let c = 1.0 / (x * x);
@@ -117,8 +118,8 @@ pub(crate) fn log_mills_and_mills(x: f64) -> (f64, f64) {
         let t0 = mills_tails(x).t0;
         (-t0.ln(), 1.0 / t0)
     } else {
-        let ell = log_mills_by_erfc(x);
-        (ell, ell.exp())
+        let (_, ell, r) = sf_log_mills_and_mills(x);
+        (ell, r)
     }
 }
 
@@ -162,8 +163,7 @@ pub(crate) fn mills_at(x: f64) -> MillsAt {
             dc,
         }
     } else {
-        let ell = log_mills_by_erfc(x);
-        let r = ell.exp();
+        let (_, ell, r) = sf_log_mills_and_mills(x);
         let c = 1.0 / r - x;
         MillsAt {
             ell,
@@ -184,8 +184,8 @@ fn log_mills_from_sf(x: f64, sf: f64) -> f64 {
     sf.ln() + 0.5 * x * x + LN_SQRT_2PI
 }
 
-/// `(Φc(x), ℓ(x), R(x))` for `x < CF_START` from one `erfc`: the last two bit for bit
-/// what [`log_mills_and_mills`] returns there.
+/// `(Φc(x), ℓ(x), R(x))` for `x < CF_START` from one `erfc`: what [`log_mills_and_mills`]
+/// and [`mills_at`] build on there.
 pub(crate) fn sf_log_mills_and_mills(x: f64) -> (f64, f64, f64) {
     debug_assert!(x < CF_START);
     let sf = norm_sf(x);
