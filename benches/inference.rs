@@ -1,5 +1,6 @@
 //! Eval-mode inference of the dense networks and of their compressed forms (half of every
-//! SBP layer's units removed), at batch 1 and batch 100.
+//! SBP layer's units removed), at batch 1 and batch 100: through `Net::forward_t` and
+//! through the networks' `InferencePlan`s.
 
 mod common;
 
@@ -24,6 +25,10 @@ fn inference(c: &mut Criterion) {
             small.report.macs_ratio()
         );
         let compressed = small.net;
+        let plans = [
+            ("dense", dense.inference_plan().expect("plan")),
+            ("compressed", compressed.inference_plan().expect("plan")),
+        ];
         for batch in [1usize, 100] {
             let (x, _) = common::batch(batch, 2);
             for (kind, net) in [("dense", &dense), ("compressed", &compressed)] {
@@ -31,6 +36,15 @@ fn inference(c: &mut Criterion) {
                 group.bench_with_input(id, &x, |b, x| {
                     b.iter(|| net.forward_t(x, false).expect("forward"))
                 });
+            }
+            for (kind, plan) in &plans {
+                assert!(
+                    plan.is_compiled(),
+                    "{name}/{kind}: {:?}",
+                    plan.not_compiled_because()
+                );
+                let id = BenchmarkId::new(format!("{name}/{kind}-plan"), batch);
+                group.bench_with_input(id, &x, |b, x| b.iter(|| plan.forward(x).expect("forward")));
             }
         }
     }

@@ -7,8 +7,9 @@
 //! ```
 //!
 //! `--compressed lenet5=FILE` (repeatable) also times a network saved by an experiment
-//! (`Net::save`) against its dense original at inference and prints the measured speed-up
-//! beside the MACs ratio.
+//! (`Net::save`) against its dense original at inference, both through their
+//! `InferencePlan`s and through `Net::forward_t`, and prints the measured speed-up beside
+//! the MACs ratio.
 //!
 //! Batches come from the real MNIST training set when it is in the data directory (random
 //! images otherwise); timings are medians over `--steps` steps after `--warmup` steps.
@@ -204,8 +205,22 @@ fn time_inference(args: &Args, build: Build, x: &Tensor) -> Result<f64> {
     Ok(median(times))
 }
 
-/// Inference of each `--compressed NET=FILE` against the dense NET: the best over
-/// `--rounds` of the median over `--steps` forward passes, each side in turn.
+/// Median seconds of `net.forward_t(x, false)` over `steps` runs after a warm-up run: the
+/// network itself, where `report::time_forward` times its inference plan.
+fn time_net(net: &Net, x: &Tensor, steps: usize) -> Result<f64> {
+    net.forward_t(x, false)?;
+    let mut times = Vec::with_capacity(steps.max(1));
+    for _ in 0..steps.max(1) {
+        let t0 = Instant::now();
+        let _ = net.forward_t(x, false)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// Inference of each `--compressed NET=FILE` against the dense NET, both through their
+/// inference plans (the speed-up reported) and through `Net::forward_t`: the best over
+/// `--rounds` of the median over `--steps` forward passes, each in turn.
 fn time_compressed(args: &Args, x: &Tensor) -> Result<Vec<serde_json::Value>> {
     let mut out = Vec::new();
     for spec in &args.compressed {
@@ -220,21 +235,37 @@ fn time_compressed(args: &Args, x: &Tensor) -> Result<Vec<serde_json::Value>> {
         let dense = build(None, vb)?;
         dense.reset_parameters(0)?;
         let small = Net::load(file, &Device::Cpu).with_context(|| format!("loading {file}"))?;
-        let (mut d, mut c) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..args.rounds {
-            d = d.min(candle_sbp::report::time_forward(&dense, x, args.steps)? * 1e3);
-            c = c.min(candle_sbp::report::time_forward(&small, x, args.steps)? * 1e3);
+        for (what, net) in [("dense", &dense), ("compressed", &small)] {
+            if let Some(why) = net.inference_plan()?.not_compiled_because() {
+                println!("{file}: the {what} network runs uncompiled: {why}");
+            }
         }
+        let mut best = [f64::INFINITY; 4];
+        for _ in 0..args.rounds {
+            let times = [
+                candle_sbp::report::time_forward(&dense, x, args.steps)?,
+                candle_sbp::report::time_forward(&small, x, args.steps)?,
+                time_net(&dense, x, args.steps)?,
+                time_net(&small, x, args.steps)?,
+            ];
+            for (b, t) in best.iter_mut().zip(times) {
+                *b = b.min(t * 1e3);
+            }
+        }
+        let [d, c, d_net, c_net] = best;
         let macs = candle_sbp::report::total_macs(&dense) as f64
             / candle_sbp::report::total_macs(&small).max(1) as f64;
         println!(
-            "{file}: dense {d:.3} ms, compressed {c:.3} ms: {:.2}× faster for {macs:.2}× fewer MACs ({:.2} of the ratio)",
+            "{file}: dense {d:.3} ms, compressed {c:.3} ms: {:.2}× faster for {macs:.2}× fewer MACs ({:.2} of the ratio); through Net::forward_t {d_net:.3} and {c_net:.3} ms ({:.2}×, {:.2})",
             d / c,
-            d / c / macs
+            d / c / macs,
+            d_net / c_net,
+            d_net / c_net / macs
         );
         out.push(serde_json::json!({
             "net": name, "file": file, "dense_ms": d, "compressed_ms": c,
             "speedup": d / c, "macs_ratio": macs,
+            "dense_net_ms": d_net, "compressed_net_ms": c_net, "speedup_net": d_net / c_net,
         }));
     }
     Ok(out)

@@ -668,14 +668,9 @@ fn direct_forward<T: WithDType>(
 }
 
 /// Whether the direct kernel runs this convolution (stride 1, no dilation) and beats
-/// im2col + GEMM on it: up to 64 output channels or with a short kernel, where building
-/// the im2col matrix costs most, and only on rows of at least one vector (8 columns). Measured at batch 100, direct against
-/// im2col: LeNet5's 1→20 5×5 convolution 0.44 against 0.90 ms, its 20→50 one 2.34 against
-/// 2.53 ms, a pruned 6→11 one 0.15 against 0.27 ms; VGG's 3→64 3×3 at 32×32 2.6 against
-/// 4.7 ms, 64→64 at 32×32 60 against 63 ms; but 64→128 at 16×16 31 against 27 ms and
-/// 256→256 at 8×8 57 against 47 ms.
+/// im2col + GEMM on it ([`crate::conv_direct::pays`]).
 fn prefers_direct(g: &ConvGeometry) -> bool {
-    g.stride == 1 && g.dilation == 1 && g.ow >= 8 && (g.c_out <= 64 || g.k() <= 64)
+    g.stride == 1 && g.dilation == 1 && crate::conv_direct::pays(&g.direct(false))
 }
 
 /// `[dw (c_out·k), db (c_out, with a bias), dx (input size, if wanted)]` in one buffer.

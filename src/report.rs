@@ -342,7 +342,8 @@ pub struct ExperimentReport {
     pub macs_before: u64,
     /// MACs per example after.
     pub macs_after: u64,
-    /// Measured eval-time speed-up of the compressed over the dense network.
+    /// Measured eval-time speed-up of the compressed over the dense network, both run
+    /// through their [`InferencePlan`](crate::InferencePlan)s.
     pub speedup_measured: f64,
     /// The batch size the speed-up was measured at.
     pub batch_size_timed: usize,
@@ -367,14 +368,17 @@ pub fn test_error(net: &Net, data: &crate::data::ImageSet, batch: usize) -> Resu
     Ok(wrong as f64 / data.len().max(1) as f64)
 }
 
-/// Median seconds of one eval-mode forward pass of `net` on `xs`, over `repeats` runs after
-/// a warm-up run.
+/// Median seconds of one eval-mode forward pass of `net` on `xs` through its
+/// [`InferencePlan`](crate::InferencePlan) (the way to run a trained network fast; the
+/// network itself where the plan does not compile it), over `repeats` runs after a warm-up
+/// run.
 pub fn time_forward(net: &Net, xs: &candle::Tensor, repeats: usize) -> Result<f64> {
-    net.forward_t(xs, false)?;
+    let plan = net.inference_plan()?;
+    plan.forward(xs)?;
     let mut times = Vec::with_capacity(repeats.max(1));
     for _ in 0..repeats.max(1) {
         let start = std::time::Instant::now();
-        let out = net.forward_t(xs, false)?;
+        let out = plan.forward(xs)?;
         out.device().synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }

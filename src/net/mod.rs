@@ -33,6 +33,7 @@
 
 mod builder;
 mod io;
+mod plan;
 mod spec;
 
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,7 @@ use rand_distr::{Distribution, Normal};
 
 pub use builder::{NetBuilder, NodeId};
 pub use io::write_atomic;
+pub use plan::InferencePlan;
 pub use spec::{Activation, NetSpec, NodeShape, NodeSpec, Op};
 
 pub(crate) use spec::{graph, infer_shape, param_specs};

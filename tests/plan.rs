@@ -1,0 +1,164 @@
+//! `InferencePlan`: the compiled evaluation of compressed LeNets equals the network's own,
+//! and a network it cannot compile runs unchanged through the network.
+
+mod common;
+
+use candle::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_sbp::compress::{compress, CompressConfig};
+use candle_sbp::{models, LogNormalDropoutConfig, Net};
+use common::*;
+
+/// A model with SBP layers, seeded and with about half its units removed, compressed.
+fn compressed(
+    build: fn(Option<LogNormalDropoutConfig>, VarBuilder) -> candle_sbp::Result<Net>,
+) -> (Net, Net) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let net = build(Some(LogNormalDropoutConfig::default()), vb).unwrap();
+    randomise(&net, 7);
+    set_noise_keeps(&net, 7, 0.5);
+    let small = compress(&net, &CompressConfig::default()).unwrap().net;
+    (net, small)
+}
+
+fn assert_plan_matches(net: &Net, batches: &[usize]) {
+    let plan = net.inference_plan().unwrap();
+    assert!(
+        plan.is_compiled(),
+        "not compiled: {:?}",
+        plan.not_compiled_because()
+    );
+    for &batch in batches {
+        let x = random_input(net, batch, batch as u64);
+        let want = net.forward_t(&x, false).unwrap();
+        let got = plan.forward(&x).unwrap();
+        assert_eq!(got.dims(), want.dims(), "batch {batch}");
+        let err = relative_error(&want, &got);
+        assert!(err < 1e-5, "batch {batch}: relative error {err}");
+        // The Module implementation is the same call.
+        let via_module = Module::forward(&plan, &x).unwrap();
+        assert_eq!(relative_error(&got, &via_module), 0.0);
+    }
+}
+
+// Batch 1 (one chunk), odd batches (a short last chunk, every row remainder of the tiles)
+// and 600 (chunks capped at 256 rows).
+const BATCHES: &[usize] = &[1, 3, 37, 100, 600];
+
+#[test]
+fn compressed_lenet_300_100_runs_compiled_with_the_same_outputs() {
+    let (_, small) = compressed(models::lenet_300_100);
+    assert_plan_matches(&small, BATCHES);
+}
+
+#[test]
+fn compressed_lenet5_runs_compiled_with_the_same_outputs() {
+    let (_, small) = compressed(models::lenet5_caffe);
+    assert_plan_matches(&small, BATCHES);
+}
+
+#[test]
+fn dense_models_without_noise_layers_run_compiled() {
+    for build in [models::lenet_500_300, models::lenet5_caffe] {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = build(None, vb).unwrap();
+        net.reset_parameters(3).unwrap();
+        assert_plan_matches(&net, &[1, 100]);
+    }
+}
+
+#[test]
+fn networks_it_cannot_compile_run_through_the_network() {
+    // Noise layers (an uncompressed SBP model) and keep masks are not compiled.
+    let (net, _) = compressed(models::lenet_300_100);
+    let plan = net.inference_plan().unwrap();
+    assert!(!plan.is_compiled());
+    let why = plan.not_compiled_because().unwrap();
+    assert!(why.contains("no compiled kernel"), "{why}");
+    let x = random_input(&net, 5, 1);
+    let want = net.forward_t(&x, false).unwrap();
+    assert_eq!(relative_error(&want, &plan.forward(&x).unwrap()), 0.0);
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mut masked = models::lenet_300_100(None, vb).unwrap();
+    let fc1 = (masked.spec().nodes.iter())
+        .position(|n| matches!(n.op, candle_sbp::net::Op::Linear { .. }))
+        .unwrap();
+    let (units, fc1) = (
+        masked.shapes()[fc1].units(),
+        masked.spec().nodes[fc1].name.clone(),
+    );
+    masked.set_mask(&fc1, &vec![true; units]).unwrap();
+    let plan = masked.inference_plan().unwrap();
+    let why = plan.not_compiled_because().unwrap_or_default().to_string();
+    assert!(why.contains("keep mask"), "{why}");
+    let want = masked.forward_t(&x, false).unwrap();
+    assert_eq!(relative_error(&want, &plan.forward(&x).unwrap()), 0.0);
+}
+
+#[test]
+fn the_plan_keeps_the_weights_it_was_built_with() {
+    let (_, small) = compressed(models::lenet_300_100);
+    let plan = small.inference_plan().unwrap();
+    let x = random_input(&small, 4, 2);
+    let before = plan.forward(&x).unwrap();
+    small.reset_parameters(99).unwrap();
+    assert_eq!(relative_error(&before, &plan.forward(&x).unwrap()), 0.0);
+    assert!(relative_error(&before, &small.forward_t(&x, false).unwrap()) > 1e-3);
+}
+
+#[test]
+fn inputs_of_the_wrong_shape_are_typed_errors() {
+    let (_, small) = compressed(models::lenet5_caffe);
+    let plan = small.inference_plan().unwrap();
+    for dims in [vec![2, 1, 28, 27], vec![0, 1, 28, 28], vec![2, 784]] {
+        let x = Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu).unwrap();
+        match plan.forward(&x) {
+            Err(candle_sbp::Error::InputShape { shape, .. }) => assert_eq!(shape, dims),
+            other => panic!("{dims:?}: expected an input-shape error, got {other:?}"),
+        }
+    }
+    // Another dtype is converted, as the network itself converts it.
+    let x = random_input(&small, 3, 5);
+    let want = plan.forward(&x).unwrap();
+    let got = plan.forward(&x.to_dtype(DType::F64).unwrap()).unwrap();
+    assert_eq!(relative_error(&want, &got), 0.0);
+}
+
+#[test]
+fn every_compiled_step_matches_the_network() {
+    // A channel selection on an image, a padded convolution with its ReLU and pooling,
+    // dropout (nothing in evaluation), a linear layer whose ReLU comes after a dropout
+    // (so not fused: a ReLU of its own) and one without a bias.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(3, 12, 12), vb);
+    let x = b.input();
+    let x = (b.push(
+        "keep",
+        candle_sbp::net::Op::Select {
+            indices: vec![0, 2],
+        },
+        &[x],
+    ))
+    .unwrap();
+    let conv = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let x = b.conv2d("conv", x, 6, 3, conv).unwrap();
+    let x = b.relu(x).unwrap();
+    let x = b.max_pool2d(x, 2, 2).unwrap();
+    let x = b.dropout(x, 0.3).unwrap();
+    let x = b.flatten(x).unwrap();
+    let x = b.linear("fc1", x, 21).unwrap();
+    let x = b.dropout(x, 0.5).unwrap();
+    let x = b.relu(x).unwrap();
+    let x = b.linear_no_bias("fc2", x, 5).unwrap();
+    let net = b.build(x).unwrap();
+    net.reset_parameters(11).unwrap();
+    assert_plan_matches(&net, &[1, 2, 9, 16, 17, 24, 32, 33, 48, 64]);
+}
