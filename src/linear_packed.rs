@@ -98,29 +98,49 @@ impl PackedLinear {
 
     /// Writes `x·wᵀ + b` (through a ReLU where `relu`) for the `rows` rows of `x`
     /// (`rows × inputs`) into `y` (`rows × outputs`); `None` (and `y` untouched) where the
-    /// buffers do not hold the shape.
+    /// buffers do not hold the shape. A large product splits its groups of outputs across
+    /// the pool (a single example through a wide layer is bound by reading the weights);
+    /// inside the pool's work it runs on the calling thread.
     pub(crate) fn forward(&self, x: &[f32], rows: usize, relu: bool, y: &mut [f32]) -> Option<()> {
         if x.len() != rows * self.inputs || y.len() != rows * self.outputs {
             return None;
         }
-        #[cfg(target_arch = "x86_64")]
-        {
+        let group = if self.lanes == 16 {
+            GROUP_WIDE
+        } else {
+            GROUP_NARROW
+        };
+        let groups = self.outputs.div_ceil(self.lanes).div_ceil(group);
+        let macs = rows * self.inputs * self.outputs;
+        let parts = if macs >= crate::ops::GEMM_PAR_MIN_MACS {
+            crate::par::threads().min(groups)
+        } else {
+            1
+        };
+        let per = groups.div_ceil(parts);
+        let ranges: Vec<_> = (0..groups)
+            .step_by(per)
+            .map(|g| g..(g + per).min(groups))
+            .collect();
+        let out = crate::ops::SendPtr(y.as_mut_ptr());
+        crate::par::map(ranges, |_, groups| {
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: `new_on` built the packing only where AVX2 and FMA are present, and
             // in 16 lanes only where AVX-512F is; the panels and the padded bias hold the
-            // packed shape, and `x`, `y` were checked against it above.
+            // packed shape, `x` and `y` were checked against it above, and the ranges of
+            // groups split the output columns without overlap, so each thread writes its
+            // own elements of `y`.
             unsafe {
                 if self.lanes == 16 {
-                    x86::forward_wide(self, x, rows, relu, y)
+                    x86::forward_wide(self, x, rows, relu, out.at(0), groups)
                 } else {
-                    x86::forward_narrow(self, x, rows, relu, y)
+                    x86::forward_narrow(self, x, rows, relu, out.at(0), groups)
                 }
             }
-            Some(())
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            unreachable!("no packing is built off x86-64: {:?}", (x, rows, relu, y))
-        }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("no packing is built off x86-64: {:?}", (x, relu, groups))
+        });
+        Some(())
     }
 }
 
@@ -128,6 +148,7 @@ impl PackedLinear {
 mod x86 {
     use super::{PackedLinear, GROUP_NARROW, GROUP_WIDE};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// One vector width's instructions.
     trait Lanes {
@@ -297,7 +318,7 @@ mod x86 {
         }
     }
 
-    /// The whole product in one width: each group of vectors over all rows.
+    /// The groups `groups` of the product in one width, each over all rows.
     #[inline(always)]
     unsafe fn forward<L: Lanes>(
         p: &PackedLinear,
@@ -305,18 +326,19 @@ mod x86 {
         x: &[f32],
         n: usize,
         relu: bool,
-        y: &mut [f32],
+        y: *mut f32,
+        groups: Range<usize>,
     ) {
         let vectors = p.outputs.div_ceil(L::N);
-        let mut first = 0;
-        while first < vectors {
+        let mut first = groups.start * group;
+        while first < vectors.min(groups.end * group) {
             let v = group.min(vectors - first);
             let col = first * L::N;
             let g = Group {
                 inputs: p.inputs,
                 panel: p.panels.as_ptr().add(first * L::N * p.inputs),
                 bias: p.bias.as_ptr().add(col),
-                y: y.as_mut_ptr().add(col),
+                y: y.add(col),
                 ld: p.outputs,
                 columns: p.outputs - col,
                 relu,
@@ -336,30 +358,32 @@ mod x86 {
 
     /// # Safety
     /// AVX-512F, AVX2 and FMA must be present; `p` packed in 16 lanes, `x` `n × inputs`,
-    /// `y` `n × outputs`.
+    /// `y` the start of `n × outputs` values, of which the groups' columns are written.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn forward_wide(
         p: &PackedLinear,
         x: &[f32],
         n: usize,
         relu: bool,
-        y: &mut [f32],
+        y: *mut f32,
+        groups: Range<usize>,
     ) {
-        forward::<Wide>(p, GROUP_WIDE, x, n, relu, y)
+        forward::<Wide>(p, GROUP_WIDE, x, n, relu, y, groups)
     }
 
     /// # Safety
-    /// AVX2 and FMA must be present; `p` packed in 8 lanes, `x` `n × inputs`, `y`
-    /// `n × outputs`.
+    /// AVX2 and FMA must be present; `p` packed in 8 lanes, `x` `n × inputs`, `y` the
+    /// start of `n × outputs` values, of which the groups' columns are written.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn forward_narrow(
         p: &PackedLinear,
         x: &[f32],
         n: usize,
         relu: bool,
-        y: &mut [f32],
+        y: *mut f32,
+        groups: Range<usize>,
     ) {
-        forward::<Narrow>(p, GROUP_NARROW, x, n, relu, y)
+        forward::<Narrow>(p, GROUP_NARROW, x, n, relu, y, groups)
     }
 }
 
@@ -393,7 +417,7 @@ mod tests {
         }
         let value = |k: usize| ((k * 7919 % 1009) as f32 - 504.0) / 512.0;
         // Every row remainder of the 6- and 12-row tiles, every group width and partial
-        // last vector of both widths.
+        // last vector of both widths, products split across the pool.
         for &(n, i, o) in &[
             (1, 1, 1),
             (13, 3, 7),
@@ -403,6 +427,9 @@ mod tests {
             (6, 8, 63),
             (50, 196, 145),
             (5, 31, 130),
+            // Large enough to split its groups across the pool, one row and several.
+            (1, 600, 500),
+            (3, 300, 333),
         ] {
             let x: Vec<f32> = (0..n * i).map(value).collect();
             let w: Vec<f32> = (0..o * i).map(|k| value(k + 11)).collect();

@@ -70,11 +70,11 @@ fn as_f32_mut<T: WithDType>(s: &mut [T]) -> Option<&mut [f32]> {
 }
 
 /// Below this many multiply-adds a product runs on the calling thread.
-const GEMM_PAR_MIN_MACS: usize = 1 << 18;
+pub(crate) const GEMM_PAR_MIN_MACS: usize = 1 << 18;
 
 /// A raw pointer that may cross threads: each thread reaches disjoint elements through it.
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 
 // SAFETY: only used to hand disjoint blocks of one buffer to the pool's threads.
 unsafe impl<T> Send for SendPtr<T> {}
@@ -82,7 +82,7 @@ unsafe impl<T> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
     /// The pointer (a method, so that closures capture the wrapper, not its field).
-    fn at(self, offset: usize) -> *mut T {
+    pub(crate) fn at(self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
 }
