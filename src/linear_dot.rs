@@ -460,10 +460,12 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn reference(
+    /// `x·wᵀ + b` (through a ReLU where `relu`) summed in f64: the other linear kernels'
+    /// tests compare with it too.
+    pub(crate) fn reference(
         x: &[f32],
         w: &[f32],
         b: &[f32],

@@ -390,24 +390,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reference(
-        x: &[f32],
-        w: &[f32],
-        b: Option<&[f32]>,
-        (n, i, o): (usize, usize, usize),
-    ) -> Vec<f32> {
-        let mut y = vec![0f32; n * o];
-        for r in 0..n {
-            for c in 0..o {
-                let dot: f64 = (0..i)
-                    .map(|k| f64::from(x[r * i + k]) * f64::from(w[c * i + k]))
-                    .sum();
-                y[r * o + c] = (dot + b.map_or(0.0, |b| f64::from(b[c]))) as f32;
-            }
-        }
-        y
-    }
+    use crate::linear_dot::tests::reference;
 
     #[test]
     fn packed_products_match_a_plain_sum_in_both_widths() {
@@ -443,9 +426,9 @@ mod tests {
                     let p = PackedLinear::new_on(wide, &w, bias, i, o).expect("AVX2 is present");
                     let mut y = vec![f32::NAN; n * o];
                     p.forward(&x, n, relu, &mut y).expect("the shape fits");
-                    let want = reference(&x, &w, bias, (n, i, o));
+                    let zeros = vec![0f32; o];
+                    let want = reference(&x, &w, bias.unwrap_or(&zeros), relu, (n, i, o));
                     for (k, (&got, &want)) in y.iter().zip(&want).enumerate() {
-                        let want = if relu { want.max(0.0) } else { want };
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
                             "{n}x{i}x{o} wide={wide} relu={relu} at {k}: {got} vs {want}"
