@@ -145,10 +145,19 @@ fn forward_on(
 
 /// A convolution's weights packed once for [`forward`]'s kernel, for a network whose
 /// weights do not change between calls (an inference plan).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct PackedConv {
     shape: DirectConv,
     weights: Vec<f32>,
+}
+
+/// The shape, not the packed values.
+impl std::fmt::Debug for PackedConv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedConv")
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PackedConv {

@@ -19,7 +19,7 @@ const GROUP_WIDE: usize = 4;
 const GROUP_NARROW: usize = 2;
 
 /// A linear layer's weights and bias packed for [`PackedLinear::forward`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct PackedLinear {
     inputs: usize,
     outputs: usize,
@@ -30,6 +30,17 @@ pub(crate) struct PackedLinear {
     panels: Vec<f32>,
     /// The bias (zeros without one), padded with zeros to whole vectors.
     bias: Vec<f32>,
+}
+
+/// The shape, not the hundreds of thousands of packed values.
+impl std::fmt::Debug for PackedLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedLinear")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .field("lanes", &self.lanes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PackedLinear {

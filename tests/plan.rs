@@ -66,6 +66,13 @@ fn dense_models_without_noise_layers_run_compiled() {
         let net = build(None, vb).unwrap();
         net.reset_parameters(3).unwrap();
         assert_plan_matches(&net, &[1, 100]);
+        // Its Debug output names shapes; it does not print the packed weights.
+        let shown = format!("{:?}", net.inference_plan().unwrap());
+        assert!(
+            shown.contains("PackedLinear") && shown.len() < 20_000,
+            "{}",
+            shown.len()
+        );
     }
 }
 
