@@ -30,8 +30,9 @@ const MAX_CHUNK_ROWS: usize = 256;
 /// Anything else (another device or dtype, batch norm, noise layers, residual adds, masks)
 /// runs through the network itself; [`is_compiled`](Self::is_compiled) tells which.
 ///
-/// The plan copies the weights when it is built: build it again after changing the
-/// network.
+/// A compiled plan copies the weights when it is built: build it again after changing the
+/// network. (One that runs through the network shares the network's parameters, as a
+/// clone of a `Net` does.)
 ///
 /// ```
 /// use candle::{DType, Device, Tensor};
@@ -135,6 +136,9 @@ fn relu(v: f32) -> f32 {
 /// values in all.
 fn select(x: &[f32], units: usize, positions: usize, indices: &[usize], n: usize) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(n);
+    if n == 0 {
+        return out; // nothing kept (a network compressed with `allow_empty`)
+    }
     if positions == 1
         && crate::gather::gather_rows_f32(x, units, indices, &mut out.spare_capacity_mut()[..n])
             .is_some()
