@@ -972,6 +972,53 @@ fn conv_geometry(
     Ok(Some(g))
 }
 
+/// The convolution of the host batch `x` (`batch × c_in × h × w`, f32) with `weight`
+/// (`c_out × c_in × kh × kw`) plus `bias`, through a ReLU where `relu`: what [`conv2d`]
+/// computes on the CPU (the direct kernel or im2col + GEMM), for an inference plan's
+/// buffers. `params` is `(padding, stride, dilation)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_host(
+    x: &[f32],
+    batch: usize,
+    (c_in, h, w): (usize, usize, usize),
+    weight: &[f32],
+    (c_out, kh, kw): (usize, usize, usize),
+    bias: Option<&[f32]>,
+    (padding, stride, dilation): (usize, usize, usize),
+    relu: bool,
+) -> Result<Vec<f32>> {
+    let span = |k: usize| dilation * (k - 1) + 1;
+    let fits = stride > 0
+        && dilation > 0
+        && kh > 0
+        && kw > 0
+        && h + 2 * padding >= span(kh)
+        && w + 2 * padding >= span(kw)
+        && x.len() == batch * c_in * h * w
+        && weight.len() == c_out * c_in * kh * kw
+        && bias.is_none_or(|b| b.len() == c_out);
+    if !fits {
+        candle::bail!("conv2d: host buffers that do not fit the convolution");
+    }
+    let g = ConvGeometry {
+        batch,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh,
+        kw,
+        oh: (h + 2 * padding - span(kh)) / stride + 1,
+        ow: (w + 2 * padding - span(kw)) / stride + 1,
+        stride,
+        padding,
+        dilation,
+        bias: bias.is_some(),
+        relu,
+    };
+    conv_forward(&g, x, weight, bias)
+}
+
 /// [`conv2d_max_pool2d`]'s fused op over `(x, w, b)` (`b` a dummy without a bias).
 #[derive(Debug, Clone, Copy)]
 struct ConvPoolOp(ConvGeometry);
@@ -1499,6 +1546,30 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
         ow: (w - kernel) / stride + 1,
     };
     x.contiguous()?.apply_op1(MaxPoolOp(g))
+}
+
+/// Max-pooling of the host planes `x` (`planes × h × w`, f32) over `kernel × kernel`
+/// windows every `stride`: what [`max_pool2d`] computes, for an inference plan's buffers.
+pub(crate) fn max_pool2d_host(
+    x: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    kernel: usize,
+    stride: usize,
+) -> Result<Vec<f32>> {
+    if kernel == 0 || stride == 0 || h < kernel || w < kernel || x.len() != planes * h * w {
+        candle::bail!("max-pool2d: host buffers that do not fit the pooling");
+    }
+    let g = PoolGeometry {
+        planes,
+        h,
+        w,
+        kernel,
+        stride,
+        oh: (h - kernel) / stride + 1,
+        ow: (w - kernel) / stride + 1,
+    };
+    pool_forward(&g, x)
 }
 
 // ---------------------------------------------------------------------------------------

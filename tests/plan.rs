@@ -77,17 +77,40 @@ fn dense_models_without_noise_layers_run_compiled() {
 }
 
 #[test]
-fn networks_it_cannot_compile_run_through_the_network() {
-    // Noise layers (an uncompressed SBP model) and keep masks are not compiled.
-    let (net, _) = compressed(models::lenet_300_100);
-    let plan = net.inference_plan().unwrap();
-    assert!(!plan.is_compiled());
-    let why = plan.not_compiled_because().unwrap();
-    assert!(why.contains("no compiled kernel"), "{why}");
-    let x = random_input(&net, 5, 1);
-    let want = net.forward_t(&x, false).unwrap();
-    assert_eq!(relative_error(&want, &plan.forward(&x).unwrap()), 0.0);
+fn sbp_models_run_compiled_with_noise_and_batch_norms_folded() {
+    // Noise layers (about half their units removed) and batch norms with random running
+    // statistics; VGG's wider convolutions go through im2col + GEMM, its pooling on its own.
+    let (lenet300, _) = compressed(models::lenet_300_100);
+    assert_plan_matches(&lenet300, &[1, 37, 100]);
+    let (lenet5, _) = compressed(models::lenet5_caffe);
+    assert_plan_matches(&lenet5, &[1, 37, 100]);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vgg = models::vgg_like(0.25, Some(LogNormalDropoutConfig::default()), vb).unwrap();
+    randomise(&vgg, 5);
+    set_noise_keeps(&vgg, 5, 0.5);
+    assert_plan_matches(&vgg, &[1, 3, 20]);
+}
 
+#[test]
+fn networks_it_cannot_compile_run_through_the_network() {
+    // A residual add, another activation and a keep mask are not compiled.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::features(12), vb);
+    let x = b.input();
+    let h = b.linear("fc1", x, 12).unwrap();
+    let h = b.relu(h).unwrap();
+    let y = b.add(&[h, x]).unwrap();
+    let y = b.linear("fc2", y, 3).unwrap();
+    let residual = b.build(y).unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::features(12), vb);
+    let x = b.input();
+    let h = b.linear("fc1", x, 7).unwrap();
+    let h = b.activation(h, candle_sbp::net::Activation::Tanh).unwrap();
+    let tanh = b.build(h).unwrap();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut masked = models::lenet_300_100(None, vb).unwrap();
@@ -99,11 +122,18 @@ fn networks_it_cannot_compile_run_through_the_network() {
         masked.spec().nodes[fc1].name.clone(),
     );
     masked.set_mask(&fc1, &vec![true; units]).unwrap();
-    let plan = masked.inference_plan().unwrap();
-    let why = plan.not_compiled_because().unwrap_or_default().to_string();
-    assert!(why.contains("keep mask"), "{why}");
-    let want = masked.forward_t(&x, false).unwrap();
-    assert_eq!(relative_error(&want, &plan.forward(&x).unwrap()), 0.0);
+    for (net, reason) in [
+        (&residual, "not part of a chain"),
+        (&tanh, "no compiled kernel"),
+        (&masked, "keep mask"),
+    ] {
+        let plan = net.inference_plan().unwrap();
+        let why = plan.not_compiled_because().unwrap_or_default().to_string();
+        assert!(why.contains(reason), "{why}");
+        let x = random_input(net, 5, 1);
+        let want = net.forward_t(&x, false).unwrap();
+        assert_eq!(relative_error(&want, &plan.forward(&x).unwrap()), 0.0);
+    }
 }
 
 #[test]

@@ -22,12 +22,15 @@ const MAX_CHUNK_ROWS: usize = 256;
 /// A [`Net`] compiled for evaluation on the CPU: the same outputs as
 /// `net.forward_t(xs, false)` (to f32 rounding), faster where the network is small.
 ///
-/// It compiles chains of convolutions (stride 1, with their ReLU and 2×2 max-pooling),
-/// linear layers (with their ReLU), flattening, unit selections, ReLUs and dropout (a
-/// no-op in evaluation), unmasked, in f32 on an x86-64 CPU with AVX2 and FMA: the
-/// networks that [`compress`](crate::compress()) produces from LeNet-300-100,
-/// LeNet-500-300 and LeNet5-Caffe, and those models themselves without noise layers.
-/// Anything else (another device or dtype, batch norm, noise layers, residual adds, masks)
+/// It compiles chains (each node reading the one before) of convolutions, linear layers,
+/// batch norms, noise layers (their evaluation multiplier, `E[θ]` or 0), fixed scales and
+/// shifts, ReLUs, max-pooling, flattening, unit selections and dropout (nothing in
+/// evaluation), unmasked, in f32 on an x86-64 CPU with AVX2 and FMA: every model of
+/// [`crate::models`], with or without SBP layers, and what [`compress`](crate::compress())
+/// makes of them. A batch norm or noise layer after a convolution or linear layer is
+/// folded into its weights; a convolution with few channels runs through the direct
+/// kernel with its ReLU and 2×2 pooling, others through im2col + GEMM. Anything else
+/// (another device or dtype, residual adds, concatenations, masks, other activations)
 /// runs through the network itself; [`is_compiled`](Self::is_compiled) tells which.
 ///
 /// A compiled plan copies the weights when it is built: build it again after changing the
@@ -70,9 +73,28 @@ enum Step {
         layer: PackedLinear,
         relu: bool,
     },
-    Conv {
+    /// A convolution through the direct kernel, with its ReLU and pooling if any.
+    Direct {
         conv: PackedConv,
         bias: Option<Vec<f32>>,
+    },
+    /// Any other convolution (im2col + GEMM where the direct kernel does not pay).
+    Conv {
+        weights: Values,
+        bias: Option<Vec<f32>>,
+        /// `(c_in, h, w)`, `(c_out, kh, kw)`, `(padding, stride, dilation)`.
+        input: (usize, usize, usize),
+        kernel: (usize, usize, usize),
+        params: (usize, usize, usize),
+        relu: bool,
+        out_len: usize,
+    },
+    MaxPool {
+        channels: usize,
+        size: (usize, usize),
+        kernel: usize,
+        stride: usize,
+        out_len: usize,
     },
     /// Keeps `indices` of `units` units of `positions` values each.
     Select {
@@ -80,19 +102,58 @@ enum Step {
         positions: usize,
         indices: Vec<usize>,
     },
+    /// `x·scale + shift` per unit of `positions` values (a batch norm, a noise layer's
+    /// multiplier or a fixed scale that no layer before it takes in), in place.
+    Affine {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        positions: usize,
+    },
+    /// Adds a value per unit and position, in place.
+    Add(Values),
     Relu,
 }
 
 impl Step {
-    /// Values per example this step writes.
+    /// Values per example this step writes (0 for the steps that work in place).
     fn out_len(&self) -> usize {
         match self {
             Step::Linear { layer, .. } => layer.outputs(),
-            Step::Conv { conv, .. } => conv.shape().out_len(),
+            Step::Direct { conv, .. } => conv.shape().out_len(),
+            Step::Conv { out_len, .. } | Step::MaxPool { out_len, .. } => *out_len,
             Step::Select {
                 positions, indices, ..
             } => positions * indices.len(),
-            Step::Relu => 0,
+            Step::Affine { .. } | Step::Add(_) | Step::Relu => 0,
+        }
+    }
+
+    /// Whether the step rewrites its input in place.
+    fn in_place(&self) -> bool {
+        matches!(self, Step::Affine { .. } | Step::Add(_) | Step::Relu)
+    }
+
+    /// An in-place step on `rows` examples `x`.
+    fn apply(&self, x: &mut [f32]) {
+        match self {
+            Step::Relu => x.iter_mut().for_each(|v| *v = relu(*v)),
+            Step::Affine {
+                scale,
+                shift,
+                positions,
+            } => {
+                let units = x.chunks_exact_mut((*positions).max(1));
+                for (k, unit) in units.enumerate() {
+                    let (a, b) = (scale[k % scale.len()], shift[k % shift.len()]);
+                    unit.iter_mut().for_each(|v| *v = *v * a + b);
+                }
+            }
+            Step::Add(Values(values)) => {
+                for row in x.chunks_exact_mut(values.len().max(1)) {
+                    row.iter_mut().zip(values).for_each(|(v, &a)| *v += a);
+                }
+            }
+            _ => unreachable!("only in-place steps are applied"),
         }
     }
 
@@ -106,19 +167,44 @@ impl Step {
                 layer.forward(x, rows, *relu, &mut y)?;
                 Some(y)
             }
-            Step::Conv { conv, bias } => {
+            Step::Direct { conv, bias } => {
                 let mut y = Vec::with_capacity(n);
                 conv.forward(rows, x, bias.as_deref(), &mut y.spare_capacity_mut()[..n])?;
                 // SAFETY: the kernel wrote all `n` values.
                 unsafe { y.set_len(n) };
                 Some(y)
             }
+            Step::Conv {
+                weights,
+                bias,
+                input,
+                kernel,
+                params,
+                relu,
+                ..
+            } => {
+                let b = bias.as_deref();
+                let w = &weights.0;
+                let y = crate::ops::conv2d_host(x, rows, *input, w, *kernel, b, *params, *relu);
+                y.ok()
+            }
+            Step::MaxPool {
+                channels,
+                size,
+                kernel,
+                stride,
+                ..
+            } => crate::ops::max_pool2d_host(x, rows * channels, *size, *kernel, *stride).ok(),
             Step::Select {
                 units,
                 positions,
                 indices,
             } => Some(select(x, *units, *positions, indices, n)),
-            Step::Relu => Some(x.iter().map(|&v| relu(v)).collect()),
+            Step::Affine { .. } | Step::Add(_) | Step::Relu => {
+                let mut y = x.to_vec();
+                self.apply(&mut y);
+                Some(y)
+            }
         }
     }
 }
@@ -189,109 +275,62 @@ impl Net {
             if self.masks[i].is_some() {
                 return refuse("has a keep mask (compress the network first)");
             }
-            // A following node taken into this one's kernel, where it is the sole reader.
-            let next = |k: usize| {
-                let j = i + k;
-                (j < nodes.len()
-                    && nodes[j].inputs == [j - 1]
-                    && self.masks[j - 1].is_none()
-                    && self.sole_consumer[j - 1] == Some(j))
-                .then(|| &nodes[j].op)
-            };
-            let is_relu = |op: Option<&Op>| {
-                matches!(
-                    op,
-                    Some(Op::Activation {
-                        f: Activation::Relu
-                    })
-                )
-            };
             let input = self.shapes[i - 1];
-            match (&node.op, &self.nodes[i]) {
-                (Op::Linear { .. }, NodeImpl::Linear(l)) => {
-                    let w = l.weight().flatten_all()?.to_vec1::<f32>()?;
-                    let b = l.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
-                    let (inputs, outputs) = (input.numel(), self.shapes[i].units());
-                    let Some(layer) = PackedLinear::new(&w, b.as_deref(), inputs, outputs) else {
-                        return refuse("weights that do not fit the packed kernel");
-                    };
-                    let relu = is_relu(next(1)) && self.masks[i + 1].is_none();
-                    steps.push(Step::Linear { layer, relu });
-                    i += 1 + usize::from(relu);
+            if self.weighted(i) {
+                match self.compile_weighted(i)? {
+                    Ok((step, next)) => {
+                        steps.extend(step);
+                        i = next;
+                    }
+                    Err(why) => return refuse(&why),
                 }
+                continue;
+            }
+            if let Some((scale, shift)) = self.eval_affine(i)? {
+                steps.push(Step::Affine {
+                    scale: to_f32(&scale),
+                    shift: to_f32(&shift),
+                    positions: input.positions(),
+                });
+                i += 1;
+                continue;
+            }
+            match (&node.op, &self.nodes[i]) {
+                (Op::Select { indices }, _) => steps.push(Step::Select {
+                    units: input.units(),
+                    positions: input.positions(),
+                    indices: indices.clone(),
+                }),
                 (
-                    &Op::Conv2d {
-                        stride,
-                        padding,
-                        dilation,
-                        groups,
-                        ..
+                    Op::Activation {
+                        f: Activation::Relu,
                     },
-                    NodeImpl::Conv { weight, bias },
-                ) => {
+                    _,
+                ) => steps.push(Step::Relu),
+                (&Op::MaxPool2d { kernel, stride }, _) => {
                     let NodeShape::Image {
                         channels,
                         height,
                         width,
                     } = input
                     else {
-                        return refuse("a convolution of a feature vector");
+                        return refuse("pooling of a feature vector");
                     };
-                    let (_, _, kh, kw) = weight.dims4()?;
-                    let relu = is_relu(next(1)) && self.masks[i + 1].is_none();
-                    let at = i + 1 + usize::from(relu);
-                    let pool = matches!(
-                        next(1 + usize::from(relu)),
-                        Some(&Op::MaxPool2d {
-                            kernel: 2,
-                            stride: 2
-                        })
-                    ) && self.masks[at].is_none();
-                    let shape = DirectConv {
-                        c_in: channels,
-                        h: height,
-                        w: width,
-                        c_out: self.shapes[i].units(),
-                        kh,
-                        kw,
-                        padding,
-                        relu,
-                        pool,
-                    };
-                    if stride != 1 || dilation != 1 || groups != 1 {
-                        return refuse("a strided, dilated or grouped convolution");
-                    }
-                    if !crate::conv_direct::pays(&shape) {
-                        return refuse("a convolution the direct kernel does not run fast");
-                    }
-                    let w = weight.flatten_all()?.to_vec1::<f32>()?;
-                    let Some(conv) = PackedConv::new(shape, &w) else {
-                        return refuse("weights that do not fit the convolution");
-                    };
-                    let bias = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-                    steps.push(Step::Conv { conv, bias });
-                    i = at + usize::from(pool);
-                }
-                (Op::Select { indices }, _) => {
-                    steps.push(Step::Select {
-                        units: input.units(),
-                        positions: input.positions(),
-                        indices: indices.clone(),
+                    steps.push(Step::MaxPool {
+                        channels,
+                        size: (height, width),
+                        kernel,
+                        stride,
+                        out_len: self.shapes[i].numel(),
                     });
-                    i += 1;
                 }
-                (
-                    Op::Activation {
-                        f: Activation::Relu,
-                    },
-                    _,
-                ) => {
-                    steps.push(Step::Relu);
-                    i += 1;
+                (Op::Shift { per_position: true }, NodeImpl::Vector(v)) => {
+                    steps.push(Step::Add(Values(v.flatten_all()?.to_vec1::<f32>()?)));
                 }
-                (Op::Flatten | Op::Dropout { .. }, _) => i += 1,
+                (Op::Flatten | Op::Dropout { .. }, _) => {}
                 (op, _) => return refuse(&format!("no compiled kernel for a {} node", op.kind())),
             }
+            i += 1;
         }
         Ok(Ok(Compiled {
             steps,
@@ -299,6 +338,171 @@ impl Net {
             out_len: self.shapes[nodes.len() - 1].numel(),
         }))
     }
+
+    /// Node `k`'s evaluation as `x·scale + shift` per unit, where it is one: a batch norm,
+    /// a noise layer (its multiplier `E[θ]` or 0), a fixed scale or a per-unit shift.
+    fn eval_affine(&self, k: usize) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
+        let units = self.shapes[k].units();
+        let vector = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1()?) };
+        Ok(match (&self.spec.nodes[k].op, &self.nodes[k]) {
+            (Op::BatchNorm { .. }, NodeImpl::BatchNorm(bn)) => {
+                let (mean, var) = (vector(bn.running_mean())?, vector(bn.running_var())?);
+                let (weight, bias) = match bn.weight_and_bias() {
+                    Some((w, b)) => (vector(w)?, vector(b)?),
+                    None => (vec![1.0; units], vec![0.0; units]),
+                };
+                let scale: Vec<f64> = (0..units)
+                    .map(|u| weight[u] / (var[u] + bn.eps()).sqrt())
+                    .collect();
+                let shift = (0..units).map(|u| bias[u] - mean[u] * scale[u]).collect();
+                Some((scale, shift))
+            }
+            (Op::LogNormalDropout { .. }, NodeImpl::Noise(layer)) => {
+                Some((layer.eval_multiplier_values()?, vec![0.0; units]))
+            }
+            (Op::Scale, NodeImpl::Vector(v)) => Some((vector(v)?, vec![0.0; units])),
+            (
+                Op::Shift {
+                    per_position: false,
+                },
+                NodeImpl::Vector(v),
+            ) => Some((vec![1.0; units], vector(v)?)),
+            _ => None,
+        })
+    }
+
+    /// The step of the convolution or linear layer `k`, with the nodes after it that its
+    /// kernel takes in (each the sole reader of the one before, unmasked): per-unit affine
+    /// maps folded into its weights and bias (`a·(Wx + b) + c`), once its ReLU is taken
+    /// only the ones that scale by a non-negative factor (`a·relu(z) = relu(a·z)`), the
+    /// ReLU itself, and for a convolution through the direct kernel a 2×2 max-pooling.
+    /// Also the index of the first node not taken; or why the layer does not compile.
+    fn compile_weighted(
+        &self,
+        k: usize,
+    ) -> Result<std::result::Result<(Vec<Step>, usize), String>> {
+        let (weight, bias) = match &self.nodes[k] {
+            NodeImpl::Conv { weight, bias } => (weight, bias.as_ref()),
+            NodeImpl::Linear(l) => (l.weight(), l.bias()),
+            _ => return Ok(Err("internal: not a weighted layer".into())),
+        };
+        let units = self.shapes[k].units();
+        let mut w = weight.flatten_all()?.to_vec1::<f32>()?;
+        let per_unit = w.len() / units.max(1);
+        let mut b: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        let mut relu = false;
+        let mut next = k + 1;
+        let taken = |j: usize| {
+            j < self.spec.nodes.len()
+                && self.spec.nodes[j].inputs == [j - 1]
+                && self.masks[j].is_none()
+                && self.sole_consumer[j - 1] == Some(j)
+        };
+        while taken(next) {
+            if !relu && self.relu(next) {
+                relu = true;
+            } else if let Some((scale, shift)) = self.eval_affine(next)? {
+                let scales_only =
+                    shift.iter().all(|&c| c == 0.0) && scale.iter().all(|&a| a >= 0.0);
+                if relu && !scales_only {
+                    break;
+                }
+                for (u, (&a, &c)) in scale.iter().zip(&shift).enumerate() {
+                    w[u * per_unit..(u + 1) * per_unit]
+                        .iter_mut()
+                        .for_each(|v| *v = (f64::from(*v) * a) as f32);
+                    if b.is_some() || c != 0.0 {
+                        let bias = b.get_or_insert_with(|| vec![0.0; units]);
+                        bias[u] = (f64::from(bias[u]) * a + c) as f32;
+                    }
+                }
+            } else {
+                break;
+            }
+            next += 1;
+        }
+        let input = self.shapes[k - 1];
+        match (&self.spec.nodes[k].op, input) {
+            (Op::Linear { .. }, _) => {
+                let Some(layer) = PackedLinear::new(&w, b.as_deref(), input.numel(), units) else {
+                    return Ok(Err("weights that do not fit the packed kernel".into()));
+                };
+                Ok(Ok((vec![Step::Linear { layer, relu }], next)))
+            }
+            (
+                &Op::Conv2d {
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    ..
+                },
+                NodeShape::Image {
+                    channels,
+                    height,
+                    width,
+                },
+            ) => {
+                if groups != 1 {
+                    return Ok(Err("a grouped convolution".into()));
+                }
+                let (_, _, kh, kw) = weight.dims4()?;
+                let direct = DirectConv {
+                    c_in: channels,
+                    h: height,
+                    w: width,
+                    c_out: units,
+                    kh,
+                    kw,
+                    padding,
+                    relu,
+                    pool: false,
+                };
+                if stride == 1 && dilation == 1 && crate::conv_direct::pays(&direct) {
+                    let pool = taken(next)
+                        && matches!(
+                            self.spec.nodes[next].op,
+                            Op::MaxPool2d {
+                                kernel: 2,
+                                stride: 2
+                            }
+                        );
+                    let shape = DirectConv { pool, ..direct };
+                    let Some(conv) = PackedConv::new(shape, &w) else {
+                        return Ok(Err("weights that do not fit the convolution".into()));
+                    };
+                    let next = next + usize::from(pool);
+                    return Ok(Ok((vec![Step::Direct { conv, bias: b }], next)));
+                }
+                let step = Step::Conv {
+                    weights: Values(w),
+                    bias: b,
+                    input: (channels, height, width),
+                    kernel: (units, kh, kw),
+                    params: (padding, stride, dilation),
+                    relu,
+                    out_len: self.shapes[k].numel(),
+                };
+                Ok(Ok((vec![step], next)))
+            }
+            _ => Ok(Err("a convolution of a feature vector".into())),
+        }
+    }
+}
+
+/// A step's large table of values; its `Debug` shows only how many there are.
+#[derive(Clone)]
+struct Values(Vec<f32>);
+
+impl std::fmt::Debug for Values {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{} values]", self.0.len())
+    }
+}
+
+/// `v` in f32.
+fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
 }
 
 impl InferencePlan {
@@ -378,8 +582,8 @@ impl Compiled {
     fn run(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
         let mut cur: Option<Vec<f32>> = None;
         for step in &self.steps {
-            match (step, cur.as_mut()) {
-                (Step::Relu, Some(v)) => v.iter_mut().for_each(|v| *v = relu(*v)),
+            match cur.as_mut() {
+                Some(v) if step.in_place() => step.apply(v),
                 _ => cur = Some(step.run(cur.as_deref().unwrap_or(x), rows)?),
             }
         }
