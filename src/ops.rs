@@ -931,20 +931,19 @@ fn conv_geometry(
     }
     let (batch, c_in, h, wd) = x.dims4()?;
     let (c_out, c_w, kh, kw) = w.dims4()?;
-    let dilation = dilation.max(1);
-    let span = |k: usize| dilation * (k - 1) + 1;
-    if c_w != c_in
-        || kh == 0
-        || kw == 0
-        || h + 2 * padding < span(kh)
-        || wd + 2 * padding < span(kw)
-    {
+    let shape = (c_w == c_in)
+        .then(|| {
+            let params = (padding, stride, dilation.max(1));
+            ConvGeometry::new(batch, (c_in, h, wd), (c_out, kh, kw), params, relu)
+        })
+        .flatten();
+    let Some(mut g) = shape else {
         candle::bail!(
             "conv2d: input {:?} and kernel {:?} (padding {padding}, dilation {dilation}) do not fit",
             x.dims(),
             w.dims()
         );
-    }
+    };
     if let Some(b) = b {
         if b.dims() != [c_out] {
             candle::bail!(
@@ -953,23 +952,45 @@ fn conv_geometry(
             );
         }
     }
-    let g = ConvGeometry {
-        batch,
-        c_in,
-        h,
-        w: wd,
-        c_out,
-        kh,
-        kw,
-        oh: (h + 2 * padding - span(kh)) / stride + 1,
-        ow: (wd + 2 * padding - span(kw)) / stride + 1,
-        stride,
-        padding,
-        dilation,
-        bias: b.is_some(),
-        relu,
-    };
+    g.bias = b.is_some();
     Ok(Some(g))
+}
+
+impl ConvGeometry {
+    /// The geometry of a convolution (groups 1, no bias) of a batch of `batch` inputs
+    /// `(c_in, h, w)` with kernels `(c_out, kh, kw)` at `(padding, stride, dilation)`;
+    /// `None` where the kernel does not fit the padded input or a step is 0.
+    fn new(
+        batch: usize,
+        (c_in, h, w): (usize, usize, usize),
+        (c_out, kh, kw): (usize, usize, usize),
+        (padding, stride, dilation): (usize, usize, usize),
+        relu: bool,
+    ) -> Option<Self> {
+        let span = |k: usize| dilation * (k - 1) + 1;
+        let fits = stride > 0
+            && dilation > 0
+            && kh > 0
+            && kw > 0
+            && h + 2 * padding >= span(kh)
+            && w + 2 * padding >= span(kw);
+        fits.then(|| ConvGeometry {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            oh: (h + 2 * padding - span(kh)) / stride + 1,
+            ow: (w + 2 * padding - span(kw)) / stride + 1,
+            stride,
+            padding,
+            dilation,
+            bias: false,
+            relu,
+        })
+    }
 }
 
 /// The convolution of the host batch `x` (`batch × c_in × h × w`, f32) with `weight`
@@ -987,35 +1008,15 @@ pub(crate) fn conv2d_host(
     (padding, stride, dilation): (usize, usize, usize),
     relu: bool,
 ) -> Result<Vec<f32>> {
-    let span = |k: usize| dilation * (k - 1) + 1;
-    let fits = stride > 0
-        && dilation > 0
-        && kh > 0
-        && kw > 0
-        && h + 2 * padding >= span(kh)
-        && w + 2 * padding >= span(kw)
-        && x.len() == batch * c_in * h * w
+    let shape = (padding, stride, dilation);
+    let g = ConvGeometry::new(batch, (c_in, h, w), (c_out, kh, kw), shape, relu);
+    let fits = x.len() == batch * c_in * h * w
         && weight.len() == c_out * c_in * kh * kw
         && bias.is_none_or(|b| b.len() == c_out);
-    if !fits {
+    let Some(mut g) = g.filter(|_| fits) else {
         candle::bail!("conv2d: host buffers that do not fit the convolution");
-    }
-    let g = ConvGeometry {
-        batch,
-        c_in,
-        h,
-        w,
-        c_out,
-        kh,
-        kw,
-        oh: (h + 2 * padding - span(kh)) / stride + 1,
-        ow: (w + 2 * padding - span(kw)) / stride + 1,
-        stride,
-        padding,
-        dilation,
-        bias: bias.is_some(),
-        relu,
     };
+    g.bias = bias.is_some();
     conv_forward(&g, x, weight, bias)
 }
 

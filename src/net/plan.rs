@@ -458,6 +458,8 @@ impl Net {
                     relu,
                     pool: false,
                 };
+                // candle and the network's own kernels read a dilation of 0 as 1.
+                let dilation = dilation.max(1);
                 if stride == 1 && dilation == 1 && crate::conv_direct::pays(&direct) {
                     let pool = taken(next)
                         && matches!(
