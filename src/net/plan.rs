@@ -279,7 +279,7 @@ impl Net {
             if self.weighted(i) {
                 match self.compile_weighted(i)? {
                     Ok((step, next)) => {
-                        steps.extend(step);
+                        steps.push(step);
                         i = next;
                     }
                     Err(why) => return refuse(&why),
@@ -377,10 +377,7 @@ impl Net {
     /// only the ones that scale by a non-negative factor (`a·relu(z) = relu(a·z)`), the
     /// ReLU itself, and for a convolution through the direct kernel a 2×2 max-pooling.
     /// Also the index of the first node not taken; or why the layer does not compile.
-    fn compile_weighted(
-        &self,
-        k: usize,
-    ) -> Result<std::result::Result<(Vec<Step>, usize), String>> {
+    fn compile_weighted(&self, k: usize) -> Result<std::result::Result<(Step, usize), String>> {
         let (weight, bias) = match &self.nodes[k] {
             NodeImpl::Conv { weight, bias } => (weight, bias.as_ref()),
             NodeImpl::Linear(l) => (l.weight(), l.bias()),
@@ -427,7 +424,7 @@ impl Net {
                 let Some(layer) = PackedLinear::new(&w, b.as_deref(), input.numel(), units) else {
                     return Ok(Err("weights that do not fit the packed kernel".into()));
                 };
-                Ok(Ok((vec![Step::Linear { layer, relu }], next)))
+                Ok(Ok((Step::Linear { layer, relu }, next)))
             }
             (
                 &Op::Conv2d {
@@ -474,7 +471,7 @@ impl Net {
                         return Ok(Err("weights that do not fit the convolution".into()));
                     };
                     let next = next + usize::from(pool);
-                    return Ok(Ok((vec![Step::Direct { conv, bias: b }], next)));
+                    return Ok(Ok((Step::Direct { conv, bias: b }, next)));
                 }
                 let step = Step::Conv {
                     weights: Values(w),
@@ -485,7 +482,7 @@ impl Net {
                     relu,
                     out_len: self.shapes[k].numel(),
                 };
-                Ok(Ok((vec![step], next)))
+                Ok(Ok((step, next)))
             }
             _ => Ok(Err("a convolution of a feature vector".into())),
         }
