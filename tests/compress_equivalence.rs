@@ -102,6 +102,22 @@ fn check(seed: u64, dtype: DType, tolerance: f64) -> Result<(), TestCaseError> {
         small.net.noise_layers().is_empty(),
         "no noise layers are left"
     );
+    // The compressed network's inference plan (compiled where it is a chain in f32, the
+    // network itself otherwise) gives its outputs too, to f32 rounding; and so does the
+    // original's, with its noise layers and batch norms folded.
+    for (net, masked, want) in [
+        (&small.net, "compressed", &got),
+        (&reference, "original", &want),
+    ] {
+        let plan = net.inference_plan().unwrap();
+        let planned = plan.forward(&xs).unwrap();
+        let err = relative_error(want, &planned);
+        prop_assert!(
+            err <= tolerance.max(1e-5),
+            "seed {seed}: the {masked} network's plan (compiled: {}) is off by {err:e}",
+            plan.is_compiled()
+        );
+    }
     // Layer sizes: each report row matches the compressed layer, and a layer whose only
     // reader is a noise layer keeps at most the units that noise layer (and its mask) keep.
     for row in &small.report.layers {

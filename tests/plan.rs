@@ -94,7 +94,7 @@ fn sbp_models_run_compiled_with_noise_and_batch_norms_folded() {
 
 #[test]
 fn networks_it_cannot_compile_run_through_the_network() {
-    // A residual add, another activation and a keep mask are not compiled.
+    // A residual add, a grouped convolution and a keep mask are not compiled.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::features(12), vb);
@@ -106,11 +106,14 @@ fn networks_it_cannot_compile_run_through_the_network() {
     let residual = b.build(y).unwrap();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::features(12), vb);
+    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(4, 9, 9), vb);
     let x = b.input();
-    let h = b.linear("fc1", x, 7).unwrap();
-    let h = b.activation(h, candle_sbp::net::Activation::Tanh).unwrap();
-    let tanh = b.build(h).unwrap();
+    let grouped = candle_nn::Conv2dConfig {
+        groups: 2,
+        ..Default::default()
+    };
+    let h = b.conv2d("conv", x, 6, 3, grouped).unwrap();
+    let grouped = b.build(h).unwrap();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut masked = models::lenet_300_100(None, vb).unwrap();
@@ -124,7 +127,7 @@ fn networks_it_cannot_compile_run_through_the_network() {
     masked.set_mask(&fc1, &vec![true; units]).unwrap();
     for (net, reason) in [
         (&residual, "not part of a chain"),
-        (&tanh, "no compiled kernel"),
+        (&grouped, "a grouped convolution"),
         (&masked, "keep mask"),
     ] {
         let plan = net.inference_plan().unwrap();
@@ -169,7 +172,8 @@ fn inputs_of_the_wrong_shape_are_typed_errors() {
 fn every_compiled_step_matches_the_network() {
     // A channel selection on an image, a padded convolution with its ReLU and pooling,
     // dropout (nothing in evaluation), a linear layer whose ReLU comes after a dropout
-    // (so not fused: a ReLU of its own) and one without a bias.
+    // (so not fused: a ReLU of its own), one without a bias, then every other activation;
+    // and a second network with average pooling after a strided convolution.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(3, 12, 12), vb);
@@ -195,7 +199,36 @@ fn every_compiled_step_matches_the_network() {
     let x = b.dropout(x, 0.5).unwrap();
     let x = b.relu(x).unwrap();
     let x = b.linear_no_bias("fc2", x, 5).unwrap();
+    // Every other activation, in place after a layer that takes none in.
+    use candle_sbp::net::Activation::*;
+    let mut x = x;
+    for f in [LeakyRelu { slope: 0.1 }, Gelu, Tanh, Sigmoid, Silu] {
+        x = b
+            .linear(
+                &format!("fc_{f:?}").replace([' ', '{', '}', ':', '.'], ""),
+                x,
+                9,
+            )
+            .unwrap();
+        x = b.activation(x, f).unwrap();
+    }
     let net = b.build(x).unwrap();
     net.reset_parameters(11).unwrap();
     assert_plan_matches(&net, &[1, 2, 9, 16, 17, 24, 32, 33, 48, 64]);
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(2, 15, 15), vb);
+    let x = b.input();
+    let strided = candle_nn::Conv2dConfig {
+        stride: 2,
+        ..Default::default()
+    };
+    let x = b.conv2d("conv", x, 5, 3, strided).unwrap();
+    let x = b.avg_pool2d(x, 3, 2).unwrap();
+    let x = b.flatten(x).unwrap();
+    let x = b.linear("fc", x, 4).unwrap();
+    let net = b.build(x).unwrap();
+    net.reset_parameters(12).unwrap();
+    assert_plan_matches(&net, &[1, 7]);
 }

@@ -24,13 +24,13 @@ const MAX_CHUNK_ROWS: usize = 256;
 ///
 /// It compiles chains (each node reading the one before) of convolutions, linear layers,
 /// batch norms, noise layers (their evaluation multiplier, `E[θ]` or 0), fixed scales and
-/// shifts, ReLUs, max-pooling, flattening, unit selections and dropout (nothing in
-/// evaluation), unmasked, in f32 on an x86-64 CPU with AVX2 and FMA: every model of
+/// shifts, element-wise activations, max- and average pooling, flattening, unit selections
+/// and dropout (nothing in evaluation), unmasked, in f32 on an x86-64 CPU with AVX2 and FMA: every model of
 /// [`crate::models`], with or without SBP layers, and what [`compress`](crate::compress())
 /// makes of them. A batch norm or noise layer after a convolution or linear layer is
 /// folded into its weights; a convolution with few channels runs through the direct
 /// kernel with its ReLU and 2×2 pooling, others through im2col + GEMM. Anything else
-/// (another device or dtype, residual adds, concatenations, masks, other activations)
+/// (another device or dtype, residual adds, concatenations, grouped convolutions, masks)
 /// runs through the network itself; [`is_compiled`](Self::is_compiled) tells which.
 ///
 /// A compiled plan copies the weights when it is built: build it again after changing the
@@ -111,7 +111,15 @@ enum Step {
     },
     /// Adds a value per unit and position, in place.
     Add(Values),
-    Relu,
+    /// An element-wise activation, in place.
+    Act(Activation),
+    AvgPool {
+        channels: usize,
+        size: (usize, usize),
+        kernel: usize,
+        stride: usize,
+        out_len: usize,
+    },
 }
 
 impl Step {
@@ -120,23 +128,25 @@ impl Step {
         match self {
             Step::Linear { layer, .. } => layer.outputs(),
             Step::Direct { conv, .. } => conv.shape().out_len(),
-            Step::Conv { out_len, .. } | Step::MaxPool { out_len, .. } => *out_len,
+            Step::Conv { out_len, .. }
+            | Step::MaxPool { out_len, .. }
+            | Step::AvgPool { out_len, .. } => *out_len,
             Step::Select {
                 positions, indices, ..
             } => positions * indices.len(),
-            Step::Affine { .. } | Step::Add(_) | Step::Relu => 0,
+            Step::Affine { .. } | Step::Add(_) | Step::Act(_) => 0,
         }
     }
 
     /// Whether the step rewrites its input in place.
     fn in_place(&self) -> bool {
-        matches!(self, Step::Affine { .. } | Step::Add(_) | Step::Relu)
+        matches!(self, Step::Affine { .. } | Step::Add(_) | Step::Act(_))
     }
 
     /// An in-place step on `rows` examples `x`.
     fn apply(&self, x: &mut [f32]) {
         match self {
-            Step::Relu => x.iter_mut().for_each(|v| *v = relu(*v)),
+            Step::Act(f) => x.iter_mut().for_each(|v| *v = activate(*f, *v)),
             Step::Affine {
                 scale,
                 shift,
@@ -200,7 +210,14 @@ impl Step {
                 positions,
                 indices,
             } => Some(select(x, *units, *positions, indices, n)),
-            Step::Affine { .. } | Step::Add(_) | Step::Relu => {
+            Step::AvgPool {
+                channels,
+                size,
+                kernel,
+                stride,
+                ..
+            } => Some(avg_pool(x, rows * channels, *size, (*kernel, *stride), n)),
+            Step::Affine { .. } | Step::Add(_) | Step::Act(_) => {
                 let mut y = x.to_vec();
                 self.apply(&mut y);
                 Some(y)
@@ -216,6 +233,53 @@ fn relu(v: f32) -> f32 {
     } else {
         v
     }
+}
+
+/// `f(v)` as the network computes it in f32 (the GELU's erf in f64).
+fn activate(f: Activation, v: f32) -> f32 {
+    match f {
+        Activation::Relu => relu(v),
+        Activation::LeakyRelu { slope } => {
+            if v < 0.0 {
+                (f64::from(v) * slope) as f32
+            } else {
+                v
+            }
+        }
+        Activation::Gelu => {
+            let x = f64::from(v);
+            (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+        }
+        Activation::Tanh => v.tanh(),
+        Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+        Activation::Silu => v / (1.0 + (-v).exp()),
+    }
+}
+
+/// Means of `kernel × kernel` windows every `stride` over `planes` planes of `(h, w)`
+/// values: `n` values in all.
+fn avg_pool(
+    x: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    (kernel, stride): (usize, usize),
+    n: usize,
+) -> Vec<f32> {
+    let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);
+    let scale = 1.0 / (kernel * kernel) as f32;
+    let mut out = Vec::with_capacity(n);
+    for plane in x.chunks_exact(h * w).take(planes) {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let window = (0..kernel).flat_map(|dy| {
+                    let at = (oy * stride + dy) * w + ox * stride;
+                    &plane[at..at + kernel]
+                });
+                out.push(window.sum::<f32>() * scale);
+            }
+        }
+    }
+    out
 }
 
 /// Keeps units `indices` of each row of `x` (`units` units of `positions` values), `n`
@@ -301,12 +365,27 @@ impl Net {
                     positions: input.positions(),
                     indices: indices.clone(),
                 }),
-                (
-                    Op::Activation {
-                        f: Activation::Relu,
-                    },
-                    _,
-                ) => steps.push(Step::Relu),
+                (&Op::Activation { f }, _) => steps.push(Step::Act(f)),
+                (&Op::AvgPool2d { kernel, stride }, _) => {
+                    let NodeShape::Image {
+                        channels,
+                        height,
+                        width,
+                    } = input
+                    else {
+                        return refuse("pooling of a feature vector");
+                    };
+                    if kernel == 0 || stride == 0 || height < kernel || width < kernel {
+                        return refuse("a pooling window larger than its input");
+                    }
+                    steps.push(Step::AvgPool {
+                        channels,
+                        size: (height, width),
+                        kernel,
+                        stride,
+                        out_len: self.shapes[i].numel(),
+                    });
+                }
                 (&Op::MaxPool2d { kernel, stride }, _) => {
                     let NodeShape::Image {
                         channels,
@@ -316,6 +395,9 @@ impl Net {
                     else {
                         return refuse("pooling of a feature vector");
                     };
+                    if kernel == 0 || stride == 0 || height < kernel || width < kernel {
+                        return refuse("a pooling window larger than its input");
+                    }
                     steps.push(Step::MaxPool {
                         channels,
                         size: (height, width),
