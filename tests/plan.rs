@@ -94,16 +94,18 @@ fn sbp_models_run_compiled_with_noise_and_batch_norms_folded() {
 
 #[test]
 fn networks_it_cannot_compile_run_through_the_network() {
-    // A residual add, a grouped convolution and a keep mask are not compiled.
+    // A grouped convolution, a scatter and a keep mask are not compiled.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::features(12), vb);
     let x = b.input();
-    let h = b.linear("fc1", x, 12).unwrap();
-    let h = b.relu(h).unwrap();
-    let y = b.add(&[h, x]).unwrap();
-    let y = b.linear("fc2", y, 3).unwrap();
-    let residual = b.build(y).unwrap();
+    let h = b.linear("fc1", x, 5).unwrap();
+    let scatter = candle_sbp::net::Op::Scatter {
+        indices: vec![0, 2, 4, 6, 8],
+        size: 9,
+    };
+    let y = b.push("spread", scatter, &[h]).unwrap();
+    let scattered = b.build(y).unwrap();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(4, 9, 9), vb);
@@ -126,7 +128,7 @@ fn networks_it_cannot_compile_run_through_the_network() {
     );
     masked.set_mask(&fc1, &vec![true; units]).unwrap();
     for (net, reason) in [
-        (&residual, "not part of a chain"),
+        (&scattered, "no compiled kernel for a scatter"),
         (&grouped, "a grouped convolution"),
         (&masked, "keep mask"),
     ] {
@@ -231,4 +233,30 @@ fn every_compiled_step_matches_the_network() {
     let net = b.build(x).unwrap();
     net.reset_parameters(12).unwrap();
     assert_plan_matches(&net, &[1, 7]);
+}
+
+#[test]
+fn residual_adds_and_concats_run_compiled() {
+    // Two branches that add (one of them the input itself, read twice), then a concat of
+    // a branch and the sum, then a sum of a value with itself.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(3, 10, 10), vb);
+    let x = b.input();
+    let same = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let h = b.conv2d("conv1", x, 3, 3, same).unwrap();
+    let h = b.relu(h).unwrap();
+    let r = b.add(&[h, x]).unwrap();
+    let g = b.conv2d("conv2", r, 4, 3, same).unwrap();
+    let c = b.concat(&[g, r]).unwrap();
+    let c = b.relu(c).unwrap();
+    let d = b.add(&[c, c]).unwrap();
+    let y = b.flatten(d).unwrap();
+    let y = b.linear("fc", y, 6).unwrap();
+    let net = b.build(y).unwrap();
+    net.reset_parameters(21).unwrap();
+    assert_plan_matches(&net, &[1, 5, 64]);
 }

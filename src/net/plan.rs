@@ -1,4 +1,4 @@
-//! Compiled CPU inference: a network's evaluation as a fixed chain of host kernels with
+//! Compiled CPU inference: a network's evaluation as a fixed sequence of host kernels with
 //! the weights packed once.
 //!
 //! [`Net::forward_t`] builds candle tensors between layers and hands each product its
@@ -22,16 +22,17 @@ const MAX_CHUNK_ROWS: usize = 256;
 /// A [`Net`] compiled for evaluation on the CPU: the same outputs as
 /// `net.forward_t(xs, false)` (to f32 rounding), faster where the network is small.
 ///
-/// It compiles chains (each node reading the one before) of convolutions, linear layers,
-/// batch norms, noise layers (their evaluation multiplier, `E[θ]` or 0), fixed scales and
-/// shifts, element-wise activations, max- and average pooling, flattening, unit selections
-/// and dropout (nothing in evaluation), unmasked, in f32 on an x86-64 CPU with AVX2 and FMA: every model of
-/// [`crate::models`], with or without SBP layers, and what [`compress`](crate::compress())
-/// makes of them. A batch norm or noise layer after a convolution or linear layer is
-/// folded into its weights; a convolution with few channels runs through the direct
-/// kernel with its ReLU and 2×2 pooling, others through im2col + GEMM. Anything else
-/// (another device or dtype, residual adds, concatenations, grouped convolutions, masks)
-/// runs through the network itself; [`is_compiled`](Self::is_compiled) tells which.
+/// It compiles networks of convolutions, linear layers, batch norms, noise layers (their
+/// evaluation multiplier, `E[θ]` or 0), fixed scales and shifts, element-wise
+/// activations, max- and average pooling, flattening, unit selections, dropout (nothing in
+/// evaluation), residual adds and concatenations, unmasked, in f32 on an x86-64 CPU with
+/// AVX2 and FMA: every model of [`crate::models`], with or without SBP layers, and what
+/// [`compress`](crate::compress()) makes of them. A batch norm or noise layer that is the
+/// only reader of a convolution or linear layer is folded into its weights; a convolution
+/// with few channels runs through the direct kernel with its ReLU and 2×2 pooling, others
+/// through im2col + GEMM. Anything else (another device or dtype, grouped convolutions,
+/// scatters, masks) runs through the network itself; [`is_compiled`](Self::is_compiled)
+/// tells which.
 ///
 /// A compiled plan copies the weights when it is built: build it again after changing the
 /// network. (One that runs through the network shares the network's parameters, as a
@@ -57,16 +58,30 @@ pub struct InferencePlan {
     compiled: std::result::Result<Compiled, String>,
 }
 
-/// The compiled chain.
+/// The compiled network: its steps in the network's order.
 #[derive(Debug, Clone)]
 struct Compiled {
-    steps: Vec<Step>,
+    steps: Vec<PlanStep>,
     /// Values per example at the input and at the output.
     in_len: usize,
     out_len: usize,
+    /// The slot of the network's output, and how many slots there are (slot 0 holds the
+    /// input; a node's value lives in the slot of its index).
+    output: usize,
+    slots: usize,
 }
 
-/// One kernel of the chain, on a block of rows (`rows × values per example`).
+/// A step with the slots of the values it reads and writes.
+#[derive(Debug, Clone)]
+struct PlanStep {
+    step: Step,
+    inputs: Vec<usize>,
+    output: usize,
+    /// The slots no later step reads, dropped after this one.
+    frees: Vec<usize>,
+}
+
+/// One kernel of the plan, on a block of rows (`rows × values per example`).
 #[derive(Debug, Clone)]
 enum Step {
     Linear {
@@ -113,6 +128,12 @@ enum Step {
     Add(Values),
     /// An element-wise activation, in place.
     Act(Activation),
+    /// The sum of its inputs (a residual connection), into the first one's buffer.
+    Sum,
+    /// Its inputs side by side, per example (`lens` values of each).
+    Concat {
+        lens: Vec<usize>,
+    },
     AvgPool {
         channels: usize,
         size: (usize, usize),
@@ -134,7 +155,8 @@ impl Step {
             Step::Select {
                 positions, indices, ..
             } => positions * indices.len(),
-            Step::Affine { .. } | Step::Add(_) | Step::Act(_) => 0,
+            Step::Concat { lens } => lens.iter().sum(),
+            Step::Affine { .. } | Step::Add(_) | Step::Act(_) | Step::Sum => 0,
         }
     }
 
@@ -222,6 +244,7 @@ impl Step {
                 self.apply(&mut y);
                 Some(y)
             }
+            Step::Sum | Step::Concat { .. } => unreachable!("steps of several inputs run apart"),
         }
     }
 }
@@ -316,7 +339,7 @@ impl Net {
         })
     }
 
-    /// The chain of host kernels for this network, or why there is none.
+    /// The host kernels for this network, or why there are none.
     fn compile(&self) -> Result<std::result::Result<Compiled, String>> {
         if !crate::conv_direct::available() {
             return Ok(Err("the CPU kernels need x86-64 with AVX2 and FMA".into()));
@@ -328,45 +351,51 @@ impl Net {
             )));
         }
         let nodes = &self.spec.nodes;
-        let mut steps = Vec::new();
-        let mut i = 1;
-        while i < nodes.len() {
+        let n = nodes.len();
+        // The slot each node's value lives in: its own, or its input's for a node that
+        // passes its input on (flattening, dropout).
+        let mut slot: Vec<usize> = (0..n).collect();
+        let mut taken = vec![false; n];
+        let mut steps: Vec<(Step, Vec<usize>, usize)> = Vec::new();
+        for i in 1..n {
+            if taken[i] {
+                continue;
+            }
             let node = &nodes[i];
             let refuse = |why: &str| Ok(Err(format!("{}: {why}", node.name)));
-            if node.inputs != [i - 1] {
-                return refuse("not part of a chain (each node reading the one before)");
-            }
             if self.masks[i].is_some() {
                 return refuse("has a keep mask (compress the network first)");
             }
-            let input = self.shapes[i - 1];
+            let reads: Vec<usize> = node.inputs.iter().map(|&j| slot[j]).collect();
+            let input = self.shapes[node.inputs[0]];
             if self.weighted(i) {
                 match self.compile_weighted(i)? {
-                    Ok((step, next)) => {
-                        steps.push(step);
-                        i = next;
+                    Ok((step, tail)) => {
+                        let last = tail.last().copied().unwrap_or(i);
+                        tail.iter().for_each(|&j| taken[j] = true);
+                        steps.push((step, reads, last));
                     }
                     Err(why) => return refuse(&why),
                 }
                 continue;
             }
             if let Some((scale, shift)) = self.eval_affine(i)? {
-                steps.push(Step::Affine {
+                let step = Step::Affine {
                     scale: to_f32(&scale),
                     shift: to_f32(&shift),
                     positions: input.positions(),
-                });
-                i += 1;
+                };
+                steps.push((step, reads, i));
                 continue;
             }
-            match (&node.op, &self.nodes[i]) {
-                (Op::Select { indices }, _) => steps.push(Step::Select {
+            let step = match (&node.op, &self.nodes[i]) {
+                (Op::Select { indices }, _) => Step::Select {
                     units: input.units(),
                     positions: input.positions(),
                     indices: indices.clone(),
-                }),
-                (&Op::Activation { f }, _) => steps.push(Step::Act(f)),
-                (&Op::AvgPool2d { kernel, stride }, _) => {
+                },
+                (&Op::Activation { f }, _) => Step::Act(f),
+                (&Op::MaxPool2d { kernel, stride } | &Op::AvgPool2d { kernel, stride }, _) => {
                     let NodeShape::Image {
                         channels,
                         height,
@@ -378,46 +407,71 @@ impl Net {
                     if kernel == 0 || stride == 0 || height < kernel || width < kernel {
                         return refuse("a pooling window larger than its input");
                     }
-                    steps.push(Step::AvgPool {
-                        channels,
-                        size: (height, width),
-                        kernel,
-                        stride,
-                        out_len: self.shapes[i].numel(),
-                    });
-                }
-                (&Op::MaxPool2d { kernel, stride }, _) => {
-                    let NodeShape::Image {
-                        channels,
-                        height,
-                        width,
-                    } = input
-                    else {
-                        return refuse("pooling of a feature vector");
-                    };
-                    if kernel == 0 || stride == 0 || height < kernel || width < kernel {
-                        return refuse("a pooling window larger than its input");
+                    let (size, out_len) = ((height, width), self.shapes[i].numel());
+                    if matches!(node.op, Op::MaxPool2d { .. }) {
+                        Step::MaxPool {
+                            channels,
+                            size,
+                            kernel,
+                            stride,
+                            out_len,
+                        }
+                    } else {
+                        Step::AvgPool {
+                            channels,
+                            size,
+                            kernel,
+                            stride,
+                            out_len,
+                        }
                     }
-                    steps.push(Step::MaxPool {
-                        channels,
-                        size: (height, width),
-                        kernel,
-                        stride,
-                        out_len: self.shapes[i].numel(),
-                    });
                 }
                 (Op::Shift { per_position: true }, NodeImpl::Vector(v)) => {
-                    steps.push(Step::Add(Values(v.flatten_all()?.to_vec1::<f32>()?)));
+                    Step::Add(Values(v.flatten_all()?.to_vec1::<f32>()?))
                 }
-                (Op::Flatten | Op::Dropout { .. }, _) => {}
+                (Op::Add, _) => Step::Sum,
+                (Op::Concat, _) => Step::Concat {
+                    lens: node
+                        .inputs
+                        .iter()
+                        .map(|&j| self.shapes[j].numel())
+                        .collect(),
+                },
+                (Op::Flatten | Op::Dropout { .. }, _) => {
+                    slot[i] = reads[0];
+                    continue;
+                }
                 (op, _) => return refuse(&format!("no compiled kernel for a {} node", op.kind())),
-            }
-            i += 1;
+            };
+            steps.push((step, reads, i));
         }
+        // Each slot is dropped after the last step that reads it (the output's never).
+        let output = slot[n - 1];
+        let mut last_reader = vec![None; n];
+        for (k, (_, reads, _)) in steps.iter().enumerate() {
+            reads.iter().for_each(|&j| last_reader[j] = Some(k));
+        }
+        let steps = steps
+            .into_iter()
+            .enumerate()
+            .map(|(k, (step, inputs, out))| {
+                let frees = (1..n)
+                    .filter(|&j| last_reader[j] == Some(k) && j != output)
+                    .collect();
+                PlanStep {
+                    step,
+                    inputs,
+                    output: out,
+                    frees,
+                }
+            })
+            .collect();
         Ok(Ok(Compiled {
             steps,
             in_len: self.shapes[0].numel(),
-            out_len: self.shapes[nodes.len() - 1].numel(),
+            out_len: self.shapes[n - 1].numel(),
+            output,
+            slots: n,
         }))
     }
 
@@ -458,8 +512,11 @@ impl Net {
     /// maps folded into its weights and bias (`a·(Wx + b) + c`), once its ReLU is taken
     /// only the ones that scale by a non-negative factor (`a·relu(z) = relu(a·z)`), the
     /// ReLU itself, and for a convolution through the direct kernel a 2×2 max-pooling.
-    /// Also the index of the first node not taken; or why the layer does not compile.
-    fn compile_weighted(&self, k: usize) -> Result<std::result::Result<(Step, usize), String>> {
+    /// Also the nodes taken in, in order; or why the layer does not compile.
+    fn compile_weighted(
+        &self,
+        k: usize,
+    ) -> Result<std::result::Result<(Step, Vec<usize>), String>> {
         let (weight, bias) = match &self.nodes[k] {
             NodeImpl::Conv { weight, bias } => (weight, bias.as_ref()),
             NodeImpl::Linear(l) => (l.weight(), l.bias()),
@@ -470,17 +527,13 @@ impl Net {
         let per_unit = w.len() / units.max(1);
         let mut b: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
         let mut relu = false;
-        let mut next = k + 1;
-        let taken = |j: usize| {
-            j < self.spec.nodes.len()
-                && self.spec.nodes[j].inputs == [j - 1]
-                && self.masks[j].is_none()
-                && self.sole_consumer[j - 1] == Some(j)
-        };
-        while taken(next) {
-            if !relu && self.relu(next) {
+        // The nodes taken in, each the sole reader of the one before, unmasked.
+        let mut tail = Vec::new();
+        let follow = |prev: usize| self.sole_consumer[prev].filter(|&j| self.masks[j].is_none());
+        while let Some(j) = follow(tail.last().copied().unwrap_or(k)) {
+            if !relu && self.relu(j) {
                 relu = true;
-            } else if let Some((scale, shift)) = self.eval_affine(next)? {
+            } else if let Some((scale, shift)) = self.eval_affine(j)? {
                 let scales_only =
                     shift.iter().all(|&c| c == 0.0) && scale.iter().all(|&a| a >= 0.0);
                 if relu && !scales_only {
@@ -498,15 +551,15 @@ impl Net {
             } else {
                 break;
             }
-            next += 1;
+            tail.push(j);
         }
-        let input = self.shapes[k - 1];
+        let input = self.shapes[self.spec.nodes[k].inputs[0]];
         match (&self.spec.nodes[k].op, input) {
             (Op::Linear { .. }, _) => {
                 let Some(layer) = PackedLinear::new(&w, b.as_deref(), input.numel(), units) else {
                     return Ok(Err("weights that do not fit the packed kernel".into()));
                 };
-                Ok(Ok((Step::Linear { layer, relu }, next)))
+                Ok(Ok((Step::Linear { layer, relu }, tail)))
             }
             (
                 &Op::Conv2d {
@@ -540,20 +593,25 @@ impl Net {
                 // candle and the network's own kernels read a dilation of 0 as 1.
                 let dilation = dilation.max(1);
                 if stride == 1 && dilation == 1 && crate::conv_direct::pays(&direct) {
-                    let pool = taken(next)
-                        && matches!(
-                            self.spec.nodes[next].op,
+                    let after = follow(tail.last().copied().unwrap_or(k));
+                    let pool = after.filter(|&j| {
+                        matches!(
+                            self.spec.nodes[j].op,
                             Op::MaxPool2d {
                                 kernel: 2,
                                 stride: 2
                             }
-                        );
-                    let shape = DirectConv { pool, ..direct };
+                        )
+                    });
+                    let shape = DirectConv {
+                        pool: pool.is_some(),
+                        ..direct
+                    };
                     let Some(conv) = PackedConv::new(shape, &w) else {
                         return Ok(Err("weights that do not fit the convolution".into()));
                     };
-                    let next = next + usize::from(pool);
-                    return Ok(Ok((Step::Direct { conv, bias: b }, next)));
+                    tail.extend(pool);
+                    return Ok(Ok((Step::Direct { conv, bias: b }, tail)));
                 }
                 let step = Step::Conv {
                     weights: Values(w),
@@ -564,7 +622,7 @@ impl Net {
                     relu,
                     out_len: self.shapes[k].numel(),
                 };
-                Ok(Ok((step, next)))
+                Ok(Ok((step, tail)))
             }
             _ => Ok(Err("a convolution of a feature vector".into())),
         }
@@ -659,16 +717,68 @@ impl InferencePlan {
 }
 
 impl Compiled {
-    /// The chain on `rows` examples `x`.
+    /// The network on `rows` examples `x`.
     fn run(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
-        let mut cur: Option<Vec<f32>> = None;
-        for step in &self.steps {
-            match cur.as_mut() {
-                Some(v) if step.in_place() => step.apply(v),
-                _ => cur = Some(step.run(cur.as_deref().unwrap_or(x), rows)?),
+        // Slot 0 is `x` itself; the others hold the values that later steps still read.
+        let mut slots: Vec<Option<Vec<f32>>> = vec![None; self.slots];
+        for ps in &self.steps {
+            let first = ps.inputs[0];
+            let out = match &ps.step {
+                Step::Sum => {
+                    let mut sum = take_first(ps, &mut slots, x)?;
+                    for &k in &ps.inputs[1..] {
+                        let v: &[f32] = if k == 0 { x } else { slots[k].as_deref()? };
+                        sum.iter_mut().zip(v).for_each(|(s, &a)| *s += a);
+                    }
+                    sum
+                }
+                Step::Concat { lens } => {
+                    let mut y = Vec::with_capacity(rows * lens.iter().sum::<usize>());
+                    for r in 0..rows {
+                        for (&k, &len) in ps.inputs.iter().zip(lens) {
+                            let v: &[f32] = if k == 0 { x } else { slots[k].as_deref()? };
+                            y.extend_from_slice(&v[r * len..(r + 1) * len]);
+                        }
+                    }
+                    y
+                }
+                step if step.in_place() => {
+                    let mut v = take_first(ps, &mut slots, x)?;
+                    step.apply(&mut v);
+                    v
+                }
+                step => {
+                    let v: &[f32] = if first == 0 {
+                        x
+                    } else {
+                        slots[first].as_deref()?
+                    };
+                    step.run(v, rows)?
+                }
+            };
+            for &k in &ps.frees {
+                slots[k] = None;
             }
+            slots[ps.output] = Some(out);
         }
-        Some(cur.unwrap_or_else(|| x.to_vec()))
+        if self.output == 0 {
+            return Some(x.to_vec());
+        }
+        slots[self.output].take()
+    }
+}
+
+/// The first input of `ps` as a buffer of its own: taken from its slot where no later step
+/// (nor another input of this one) reads it, copied otherwise.
+fn take_first(ps: &PlanStep, slots: &mut [Option<Vec<f32>>], x: &[f32]) -> Option<Vec<f32>> {
+    let first = ps.inputs[0];
+    let once = ps.inputs.iter().filter(|&&k| k == first).count() == 1;
+    if first == 0 {
+        Some(x.to_vec())
+    } else if once && ps.frees.contains(&first) {
+        slots[first].take()
+    } else {
+        slots[first].clone()
     }
 }
 
