@@ -93,29 +93,39 @@ fn sbp_models_run_compiled_with_noise_and_batch_norms_folded() {
 }
 
 #[test]
-fn networks_it_cannot_compile_run_through_the_network() {
-    // A grouped convolution, a scatter and a keep mask are not compiled.
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::features(12), vb);
-    let x = b.input();
-    let h = b.linear("fc1", x, 5).unwrap();
-    let scatter = candle_sbp::net::Op::Scatter {
-        indices: vec![0, 2, 4, 6, 8],
-        size: 9,
-    };
-    let y = b.push("spread", scatter, &[h]).unwrap();
-    let scattered = b.build(y).unwrap();
+fn grouped_convolutions_and_scatters_run_compiled() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(4, 9, 9), vb);
     let x = b.input();
     let grouped = candle_nn::Conv2dConfig {
         groups: 2,
+        padding: 1,
         ..Default::default()
     };
-    let h = b.conv2d("conv", x, 6, 3, grouped).unwrap();
-    let grouped = b.build(h).unwrap();
+    let h = b.conv2d("grouped", x, 6, 3, grouped).unwrap();
+    let depthwise = candle_nn::Conv2dConfig {
+        groups: 6,
+        ..Default::default()
+    };
+    let h = b.conv2d("depthwise", h, 6, 3, depthwise).unwrap();
+    let h = b.relu(h).unwrap();
+    let h = b.flatten(h).unwrap();
+    let h = b.linear("fc1", h, 5).unwrap();
+    // Units 0, 2, 4, 6 and 8 of 9.
+    let scatter = candle_sbp::net::Op::Scatter {
+        indices: vec![0, 2, 4, 6, 8],
+        size: 9,
+    };
+    let y = b.push("spread", scatter, &[h]).unwrap();
+    let net = b.build(y).unwrap();
+    net.reset_parameters(8).unwrap();
+    assert_plan_matches(&net, &[1, 6]);
+}
+
+#[test]
+fn networks_it_cannot_compile_run_through_the_network() {
+    // A keep mask and another dtype are not compiled.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut masked = models::lenet_300_100(None, vb).unwrap();
@@ -127,11 +137,10 @@ fn networks_it_cannot_compile_run_through_the_network() {
         masked.spec().nodes[fc1].name.clone(),
     );
     masked.set_mask(&fc1, &vec![true; units]).unwrap();
-    for (net, reason) in [
-        (&scattered, "no compiled kernel for a scatter"),
-        (&grouped, "a grouped convolution"),
-        (&masked, "keep mask"),
-    ] {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let double = models::lenet_300_100(None, vb).unwrap();
+    for (net, reason) in [(&masked, "keep mask"), (&double, "F64")] {
         let plan = net.inference_plan().unwrap();
         let why = plan.not_compiled_because().unwrap_or_default().to_string();
         assert!(why.contains(reason), "{why}");

@@ -22,17 +22,16 @@ const MAX_CHUNK_ROWS: usize = 256;
 /// A [`Net`] compiled for evaluation on the CPU: the same outputs as
 /// `net.forward_t(xs, false)` (to f32 rounding), faster where the network is small.
 ///
-/// It compiles networks of convolutions, linear layers, batch norms, noise layers (their
-/// evaluation multiplier, `E[θ]` or 0), fixed scales and shifts, element-wise
-/// activations, max- and average pooling, flattening, unit selections, dropout (nothing in
-/// evaluation), residual adds and concatenations, unmasked, in f32 on an x86-64 CPU with
-/// AVX2 and FMA: every model of [`crate::models`], with or without SBP layers, and what
+/// It compiles networks of convolutions (grouped ones too), linear layers, batch norms,
+/// noise layers (their evaluation multiplier, `E[θ]` or 0), fixed scales and shifts,
+/// element-wise activations, max- and average pooling, flattening, unit selections and
+/// scatters, dropout (nothing in evaluation), residual adds and concatenations, unmasked,
+/// in f32 on an x86-64 CPU with AVX2 and FMA: every model of [`crate::models`], with or without SBP layers, and what
 /// [`compress`](crate::compress()) makes of them. A batch norm or noise layer that is the
 /// only reader of a convolution or linear layer is folded into its weights; a convolution
 /// with few channels runs through the direct kernel with its ReLU and 2×2 pooling, others
-/// through im2col + GEMM. Anything else (another device or dtype, grouped convolutions,
-/// scatters, masks) runs through the network itself; [`is_compiled`](Self::is_compiled)
-/// tells which.
+/// through im2col + GEMM. Anything else (another device or dtype, masks) runs through the
+/// network itself; [`is_compiled`](Self::is_compiled) tells which.
 ///
 /// A compiled plan copies the weights when it is built: build it again after changing the
 /// network. (One that runs through the network shares the network's parameters, as a
@@ -93,16 +92,26 @@ enum Step {
         conv: PackedConv,
         bias: Option<Vec<f32>>,
     },
-    /// Any other convolution (im2col + GEMM where the direct kernel does not pay).
+    /// Any other convolution (im2col + GEMM where the direct kernel does not pay), one
+    /// group of channels at a time.
     Conv {
         weights: Values,
         bias: Option<Vec<f32>>,
-        /// `(c_in, h, w)`, `(c_out, kh, kw)`, `(padding, stride, dilation)`.
+        /// `(c_in, h, w)`, `(c_out, kh, kw)`, `(padding, stride, dilation)`, all channel
+        /// counts of the whole convolution.
         input: (usize, usize, usize),
         kernel: (usize, usize, usize),
         params: (usize, usize, usize),
+        groups: usize,
         relu: bool,
         out_len: usize,
+    },
+    /// Places unit `k` of its input at unit `indices[k]` of `units` (zeros elsewhere),
+    /// `positions` values a unit.
+    Scatter {
+        indices: Vec<usize>,
+        units: usize,
+        positions: usize,
     },
     MaxPool {
         channels: usize,
@@ -156,6 +165,9 @@ impl Step {
                 positions, indices, ..
             } => positions * indices.len(),
             Step::Concat { lens } => lens.iter().sum(),
+            Step::Scatter {
+                units, positions, ..
+            } => units * positions,
             Step::Affine { .. } | Step::Add(_) | Step::Act(_) | Step::Sum => 0,
         }
     }
@@ -212,13 +224,31 @@ impl Step {
                 input,
                 kernel,
                 params,
+                groups,
                 relu,
                 ..
             } => {
-                let b = bias.as_deref();
-                let w = &weights.0;
-                let y = crate::ops::conv2d_host(x, rows, *input, w, *kernel, b, *params, *relu);
-                y.ok()
+                let (b, w) = (bias.as_deref(), &weights.0);
+                if *groups == 1 {
+                    return crate::ops::conv2d_host(x, rows, *input, w, *kernel, b, *params, *relu)
+                        .ok();
+                }
+                grouped_conv(x, rows, (*input, *kernel, *params), *groups, (w, b), *relu)
+            }
+            Step::Scatter {
+                indices,
+                units,
+                positions,
+            } => {
+                let mut y = vec![0f32; n];
+                let (p, per_in) = (*positions, indices.len() * positions);
+                for (out, row) in y.chunks_exact_mut(units * p).zip(x.chunks_exact(per_in)) {
+                    for (k, &u) in indices.iter().enumerate() {
+                        let dst = &mut out[u * p..(u + 1) * p];
+                        dst.copy_from_slice(&row[k * p..(k + 1) * p]);
+                    }
+                }
+                Some(y)
             }
             Step::MaxPool {
                 channels,
@@ -430,6 +460,11 @@ impl Net {
                     Step::Add(Values(v.flatten_all()?.to_vec1::<f32>()?))
                 }
                 (Op::Add, _) => Step::Sum,
+                (Op::Scatter { indices, size }, _) => Step::Scatter {
+                    indices: indices.clone(),
+                    units: *size,
+                    positions: input.positions(),
+                },
                 (Op::Concat, _) => Step::Concat {
                     lens: node
                         .inputs
@@ -575,9 +610,6 @@ impl Net {
                     width,
                 },
             ) => {
-                if groups != 1 {
-                    return Ok(Err("a grouped convolution".into()));
-                }
                 let (_, _, kh, kw) = weight.dims4()?;
                 let direct = DirectConv {
                     c_in: channels,
@@ -592,7 +624,8 @@ impl Net {
                 };
                 // candle and the network's own kernels read a dilation of 0 as 1.
                 let dilation = dilation.max(1);
-                if stride == 1 && dilation == 1 && crate::conv_direct::pays(&direct) {
+                if groups == 1 && stride == 1 && dilation == 1 && crate::conv_direct::pays(&direct)
+                {
                     let after = follow(tail.last().copied().unwrap_or(k));
                     let pool = after.filter(|&j| {
                         matches!(
@@ -619,6 +652,7 @@ impl Net {
                     input: (channels, height, width),
                     kernel: (units, kh, kw),
                     params: (padding, stride, dilation),
+                    groups,
                     relu,
                     out_len: self.shapes[k].numel(),
                 };
@@ -627,6 +661,62 @@ impl Net {
             _ => Ok(Err("a convolution of a feature vector".into())),
         }
     }
+}
+
+/// A convolution's `(c_in, h, w)`, `(c_out, kh, kw)` and `(padding, stride, dilation)`.
+type ConvShape = (
+    (usize, usize, usize),
+    (usize, usize, usize),
+    (usize, usize, usize),
+);
+
+/// A grouped convolution of `rows` examples `x`, one group at a time through
+/// [`crate::ops::conv2d_host`]: each group's input channels copied out, its output channels
+/// copied into place. `shape` is the whole convolution's `(c_in, h, w)`, `(c_out, kh,
+/// kw)` and `(padding, stride, dilation)`.
+fn grouped_conv(
+    x: &[f32],
+    rows: usize,
+    shape: ConvShape,
+    groups: usize,
+    (w, b): (&[f32], Option<&[f32]>),
+    relu: bool,
+) -> Option<Vec<f32>> {
+    let ((c_in, h, wd), (c_out, kh, kw), params) = shape;
+    let (cin_g, cout_g) = (c_in / groups, c_out / groups);
+    let (in_g, w_g) = (cin_g * h * wd, cout_g * cin_g * kh * kw);
+    let mut y: Vec<f32> = Vec::new();
+    let mut out_g = 0;
+    for g in 0..groups {
+        let part: Vec<f32> = x
+            .chunks_exact(c_in * h * wd)
+            .flat_map(|sample| &sample[g * in_g..(g + 1) * in_g])
+            .copied()
+            .collect();
+        let weights = &w[g * w_g..(g + 1) * w_g];
+        let bias = b.map(|b| &b[g * cout_g..(g + 1) * cout_g]);
+        let kernel = (cout_g, kh, kw);
+        let z = crate::ops::conv2d_host(
+            &part,
+            rows,
+            (cin_g, h, wd),
+            weights,
+            kernel,
+            bias,
+            params,
+            relu,
+        )
+        .ok()?;
+        if g == 0 {
+            out_g = z.len() / rows.max(1);
+            y = vec![0f32; rows * out_g * groups];
+        }
+        for (r, block) in z.chunks_exact(out_g.max(1)).enumerate() {
+            let at = (r * groups + g) * out_g;
+            y[at..at + out_g].copy_from_slice(block);
+        }
+    }
+    Some(y)
 }
 
 /// A step's large table of values; its `Debug` shows only how many there are.
