@@ -102,9 +102,9 @@ fn check(seed: u64, dtype: DType, tolerance: f64) -> Result<(), TestCaseError> {
         small.net.noise_layers().is_empty(),
         "no noise layers are left"
     );
-    // The compressed network's inference plan (compiled where it is a chain in f32, the
-    // network itself otherwise) gives its outputs too, to f32 rounding; and so does the
-    // original's, with its noise layers and batch norms folded.
+    // The compressed network's inference plan (compiled in f32, the network itself in
+    // f64) gives its outputs too, to f32 rounding; and so does the masked original's,
+    // with its noise layers, batch norms and masks folded.
     for (net, masked, want) in [
         (&small.net, "compressed", &got),
         (&reference, "original", &want),

@@ -124,30 +124,40 @@ fn grouped_convolutions_and_scatters_run_compiled() {
 }
 
 #[test]
-fn networks_it_cannot_compile_run_through_the_network() {
-    // A keep mask and another dtype are not compiled.
+fn masked_networks_run_compiled() {
+    // Masks on a convolution (folded into its rows, before the batch norm's shift), on a
+    // ReLU, on a pooling, on the flattened features and on a linear layer.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let mut masked = models::lenet_300_100(None, vb).unwrap();
-    let fc1 = (masked.spec().nodes.iter())
-        .position(|n| matches!(n.op, candle_sbp::net::Op::Linear { .. }))
-        .unwrap();
-    let (units, fc1) = (
-        masked.shapes()[fc1].units(),
-        masked.spec().nodes[fc1].name.clone(),
-    );
-    masked.set_mask(&fc1, &vec![true; units]).unwrap();
+    let mut vgg = models::vgg_like(0.125, None, vb).unwrap();
+    randomise(&vgg, 9);
+    let kinds = ["conv1", "activation", "max_pool2d", "flatten", "fc1"];
+    let nodes: Vec<(String, usize)> = (vgg.spec().nodes.iter().enumerate())
+        .map(|(i, n)| (n.name.clone(), vgg.shapes()[i].units()))
+        .collect();
+    for kind in kinds {
+        let (name, units) = nodes
+            .iter()
+            .find(|(name, _)| name.starts_with(kind))
+            .unwrap_or_else(|| panic!("no {kind} node in {nodes:?}"));
+        let keep: Vec<bool> = (0..*units).map(|u| u % 3 != 1).collect();
+        vgg.set_mask(name, &keep).unwrap();
+    }
+    assert_plan_matches(&vgg, &[1, 3]);
+}
+
+#[test]
+fn networks_it_cannot_compile_run_through_the_network() {
+    // Another dtype is not compiled.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
     let double = models::lenet_300_100(None, vb).unwrap();
-    for (net, reason) in [(&masked, "keep mask"), (&double, "F64")] {
-        let plan = net.inference_plan().unwrap();
-        let why = plan.not_compiled_because().unwrap_or_default().to_string();
-        assert!(why.contains(reason), "{why}");
-        let x = random_input(net, 5, 1);
-        let want = net.forward_t(&x, false).unwrap();
-        assert_eq!(relative_error(&want, &plan.forward(&x).unwrap()), 0.0);
-    }
+    let plan = double.inference_plan().unwrap();
+    let why = plan.not_compiled_because().unwrap_or_default().to_string();
+    assert!(why.contains("F64"), "{why}");
+    let x = random_input(&double, 5, 1);
+    let want = double.forward_t(&x, false).unwrap();
+    assert_eq!(relative_error(&want, &plan.forward(&x).unwrap()), 0.0);
 }
 
 #[test]

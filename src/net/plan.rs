@@ -27,10 +27,10 @@ const MAX_CHUNK_ROWS: usize = 256;
 /// element-wise activations, max- and average pooling, flattening, unit selections and
 /// scatters, dropout (nothing in evaluation), residual adds and concatenations, unmasked,
 /// in f32 on an x86-64 CPU with AVX2 and FMA: every model of [`crate::models`], with or without SBP layers, and what
-/// [`compress`](crate::compress()) makes of them. A batch norm or noise layer that is the
+/// [`compress`](crate::compress()) makes of them, keep masks included. A batch norm or noise layer that is the
 /// only reader of a convolution or linear layer is folded into its weights; a convolution
 /// with few channels runs through the direct kernel with its ReLU and 2×2 pooling, others
-/// through im2col + GEMM. Anything else (another device or dtype, masks) runs through the
+/// through im2col + GEMM. On another device or in another dtype it runs through the
 /// network itself; [`is_compiled`](Self::is_compiled) tells which.
 ///
 /// A compiled plan copies the weights when it is built: build it again after changing the
@@ -387,16 +387,23 @@ impl Net {
         let mut slot: Vec<usize> = (0..n).collect();
         let mut taken = vec![false; n];
         let mut steps: Vec<(Step, Vec<usize>, usize)> = Vec::new();
+        if self.masks[0].is_some() {
+            return Ok(Err(format!("{}: a keep mask on the input", nodes[0].name)));
+        }
         for i in 1..n {
             if taken[i] {
                 continue;
             }
             let node = &nodes[i];
             let refuse = |why: &str| Ok(Err(format!("{}: {why}", node.name)));
-            if self.masks[i].is_some() {
-                return refuse("has a keep mask (compress the network first)");
-            }
             let reads: Vec<usize> = node.inputs.iter().map(|&j| slot[j]).collect();
+            // A keep mask multiplies the node's units by 0 or 1 after it: folded into a
+            // convolution's or linear layer's rows, a step of its own after anything else.
+            let mask = self.masks[i].as_ref().map(|m| Step::Affine {
+                scale: m.keep.iter().map(|&k| f32::from(u8::from(k))).collect(),
+                shift: vec![0.0; m.keep.len()],
+                positions: self.shapes[i].positions(),
+            });
             let input = self.shapes[node.inputs[0]];
             if self.weighted(i) {
                 match self.compile_weighted(i)? {
@@ -416,6 +423,7 @@ impl Net {
                     positions: input.positions(),
                 };
                 steps.push((step, reads, i));
+                steps.extend(mask.map(|m| (m, vec![i], i)));
                 continue;
             }
             let step = match (&node.op, &self.nodes[i]) {
@@ -473,12 +481,17 @@ impl Net {
                         .collect(),
                 },
                 (Op::Flatten | Op::Dropout { .. }, _) => {
-                    slot[i] = reads[0];
+                    // The same values: the input's slot, unless a mask changes them.
+                    match mask {
+                        Some(m) => steps.push((m, reads, i)),
+                        None => slot[i] = reads[0],
+                    }
                     continue;
                 }
                 (op, _) => return refuse(&format!("no compiled kernel for a {} node", op.kind())),
             };
             steps.push((step, reads, i));
+            steps.extend(mask.map(|m| (m, vec![i], i)));
         }
         // Each slot is dropped after the last step that reads it (the output's never).
         let output = slot[n - 1];
@@ -561,6 +574,15 @@ impl Net {
         let mut w = weight.flatten_all()?.to_vec1::<f32>()?;
         let per_unit = w.len() / units.max(1);
         let mut b: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        // The layer's own keep mask zeroes the removed units' rows.
+        if let Some(mask) = &self.masks[k] {
+            for (u, _) in mask.keep.iter().enumerate().filter(|(_, &keep)| !keep) {
+                w[u * per_unit..(u + 1) * per_unit].fill(0.0);
+                if let Some(bias) = b.as_mut() {
+                    bias[u] = 0.0;
+                }
+            }
+        }
         let mut relu = false;
         // The nodes taken in, each the sole reader of the one before, unmasked.
         let mut tail = Vec::new();
