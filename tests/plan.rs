@@ -9,12 +9,21 @@ use candle_sbp::compress::{compress, CompressConfig};
 use candle_sbp::{models, LogNormalDropoutConfig, Net};
 use common::*;
 
+/// Parameters for a new f32 network on the CPU (the builder keeps its `VarMap` alive).
+fn f32_vars() -> VarBuilder<'static> {
+    VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu)
+}
+
+/// A builder of a new f32 network with input `shape`.
+fn builder(shape: candle_sbp::NodeShape) -> candle_sbp::NetBuilder<'static> {
+    candle_sbp::NetBuilder::new(shape, f32_vars())
+}
+
 /// A model with SBP layers, seeded and with about half its units removed, compressed.
 fn compressed(
     build: fn(Option<LogNormalDropoutConfig>, VarBuilder) -> candle_sbp::Result<Net>,
 ) -> (Net, Net) {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = f32_vars();
     let net = build(Some(LogNormalDropoutConfig::default()), vb).unwrap();
     randomise(&net, 7);
     set_noise_keeps(&net, 7, 0.5);
@@ -61,9 +70,7 @@ fn compressed_lenet5_runs_compiled_with_the_same_outputs() {
 #[test]
 fn dense_models_without_noise_layers_run_compiled() {
     for build in [models::lenet_500_300, models::lenet5_caffe] {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let net = build(None, vb).unwrap();
+        let net = build(None, f32_vars()).unwrap();
         net.reset_parameters(3).unwrap();
         assert_plan_matches(&net, &[1, 100]);
         // Its Debug output names shapes; it does not print the packed weights.
@@ -84,8 +91,7 @@ fn sbp_models_run_compiled_with_noise_and_batch_norms_folded() {
     assert_plan_matches(&lenet300, &[1, 37, 100]);
     let (lenet5, _) = compressed(models::lenet5_caffe);
     assert_plan_matches(&lenet5, &[1, 37, 100]);
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = f32_vars();
     let vgg = models::vgg_like(0.25, Some(LogNormalDropoutConfig::default()), vb).unwrap();
     randomise(&vgg, 5);
     set_noise_keeps(&vgg, 5, 0.5);
@@ -94,9 +100,7 @@ fn sbp_models_run_compiled_with_noise_and_batch_norms_folded() {
 
 #[test]
 fn grouped_convolutions_and_scatters_run_compiled() {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(4, 9, 9), vb);
+    let mut b = builder(candle_sbp::NodeShape::image(4, 9, 9));
     let x = b.input();
     let grouped = candle_nn::Conv2dConfig {
         groups: 2,
@@ -127,8 +131,7 @@ fn grouped_convolutions_and_scatters_run_compiled() {
 fn masked_networks_run_compiled() {
     // Masks on a convolution (folded into its rows, before the batch norm's shift), on a
     // ReLU, on a pooling, on the flattened features and on a linear layer.
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = f32_vars();
     let mut vgg = models::vgg_like(0.125, None, vb).unwrap();
     randomise(&vgg, 9);
     let kinds = ["conv1", "activation", "max_pool2d", "flatten", "fc1"];
@@ -195,9 +198,7 @@ fn every_compiled_step_matches_the_network() {
     // dropout (nothing in evaluation), a linear layer whose ReLU comes after a dropout
     // (so not fused: a ReLU of its own), one without a bias, then every other activation;
     // and a second network with average pooling after a strided convolution.
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(3, 12, 12), vb);
+    let mut b = builder(candle_sbp::NodeShape::image(3, 12, 12));
     let x = b.input();
     let x = (b.push(
         "keep",
@@ -237,9 +238,7 @@ fn every_compiled_step_matches_the_network() {
     net.reset_parameters(11).unwrap();
     assert_plan_matches(&net, &[1, 2, 9, 16, 17, 24, 32, 33, 48, 64]);
 
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(2, 15, 15), vb);
+    let mut b = builder(candle_sbp::NodeShape::image(2, 15, 15));
     let x = b.input();
     let strided = candle_nn::Conv2dConfig {
         stride: 2,
@@ -258,9 +257,7 @@ fn every_compiled_step_matches_the_network() {
 fn residual_adds_and_concats_run_compiled() {
     // Two branches that add (one of them the input itself, read twice), then a concat of
     // a branch and the sum, then a sum of a value with itself.
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(3, 10, 10), vb);
+    let mut b = builder(candle_sbp::NodeShape::image(3, 10, 10));
     let x = b.input();
     let same = candle_nn::Conv2dConfig {
         padding: 1,
