@@ -194,21 +194,15 @@ fn time_inference(args: &Args, build: Build, x: &Tensor) -> Result<f64> {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let net = build(None, vb)?;
     net.reset_parameters(0)?;
-    let mut times = vec![];
-    for k in 0..args.warmup + args.steps {
-        let t0 = Instant::now();
-        let _ = net.forward_t(x, false)?;
-        if k >= args.warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    Ok(median(times))
+    Ok(time_net(&net, x, args.warmup, args.steps)? * 1e3)
 }
 
-/// Median seconds of `net.forward_t(x, false)` over `steps` runs after a warm-up run: the
-/// network itself, where `report::time_forward` times its inference plan.
-fn time_net(net: &Net, x: &Tensor, steps: usize) -> Result<f64> {
-    net.forward_t(x, false)?;
+/// Median seconds of `net.forward_t(x, false)` over `steps` runs after `warmup` untimed
+/// ones: the network itself, where `report::time_forward` times its inference plan.
+fn time_net(net: &Net, x: &Tensor, warmup: usize, steps: usize) -> Result<f64> {
+    for _ in 0..warmup {
+        net.forward_t(x, false)?;
+    }
     let mut times = Vec::with_capacity(steps.max(1));
     for _ in 0..steps.max(1) {
         let t0 = Instant::now();
@@ -245,8 +239,8 @@ fn time_compressed(args: &Args, x: &Tensor) -> Result<Vec<serde_json::Value>> {
             let times = [
                 candle_sbp::report::time_forward(&dense, x, args.steps)?,
                 candle_sbp::report::time_forward(&small, x, args.steps)?,
-                time_net(&dense, x, args.steps)?,
-                time_net(&small, x, args.steps)?,
+                time_net(&dense, x, 1, args.steps)?,
+                time_net(&small, x, 1, args.steps)?,
             ];
             for (b, t) in best.iter_mut().zip(times) {
                 *b = b.min(t * 1e3);

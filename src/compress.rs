@@ -137,7 +137,8 @@ pub fn compress(net: &Net, config: &CompressConfig) -> Result<Compressed> {
     })
 }
 
-fn vec_f64(t: &Tensor) -> Result<Vec<f64>> {
+/// `t`'s values, flattened, in f64.
+pub(crate) fn vec_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
@@ -169,7 +170,7 @@ fn noise_multipliers(
 }
 
 /// BatchNorm in evaluation as `a·x + c` per unit.
-fn batch_norm_affine(net: &Net, i: usize, eps: f64) -> Result<(Vec<f64>, Vec<f64>)> {
+pub(crate) fn batch_norm_affine(net: &Net, i: usize, eps: f64) -> Result<(Vec<f64>, Vec<f64>)> {
     let mean = vec_f64(net.param(i, "running_mean").expect("bn mean"))?;
     let var = vec_f64(net.param(i, "running_var").expect("bn var"))?;
     let units = mean.len();

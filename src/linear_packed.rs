@@ -18,6 +18,15 @@ const GROUP_WIDE: usize = 4;
 /// ... and with 8-lane vectors (AVX2: 16 registers hold 6 rows × 2 vectors).
 const GROUP_NARROW: usize = 2;
 
+/// Vectors of outputs a group holds with vectors of `lanes` lanes.
+fn group_width(lanes: usize) -> usize {
+    if lanes == 16 {
+        GROUP_WIDE
+    } else {
+        GROUP_NARROW
+    }
+}
+
 /// A linear layer's weights and bias packed for [`PackedLinear::forward`].
 #[derive(Clone)]
 pub(crate) struct PackedLinear {
@@ -69,11 +78,7 @@ impl PackedLinear {
         } else {
             8
         };
-        let group = if lanes == 16 {
-            GROUP_WIDE
-        } else {
-            GROUP_NARROW
-        };
+        let group = group_width(lanes);
         let vectors = outputs.div_ceil(lanes);
         let mut panels = Vec::with_capacity(inputs * vectors * lanes);
         for first in (0..vectors).step_by(group) {
@@ -116,11 +121,7 @@ impl PackedLinear {
         if x.len() != rows * self.inputs || y.len() != rows * self.outputs {
             return None;
         }
-        let group = if self.lanes == 16 {
-            GROUP_WIDE
-        } else {
-            GROUP_NARROW
-        };
+        let group = group_width(self.lanes);
         let groups = self.outputs.div_ceil(self.lanes).div_ceil(group);
         let macs = rows * self.inputs * self.outputs;
         let parts = if macs >= crate::ops::GEMM_PAR_MIN_MACS {

@@ -934,10 +934,11 @@ fn conv_geometry(
     let shape = (c_w == c_in)
         .then(|| {
             let params = (padding, stride, dilation.max(1));
-            ConvGeometry::new(batch, (c_in, h, wd), (c_out, kh, kw), params, relu)
+            let flags = (b.is_some(), relu);
+            ConvGeometry::new(batch, (c_in, h, wd), (c_out, kh, kw), params, flags)
         })
         .flatten();
-    let Some(mut g) = shape else {
+    let Some(g) = shape else {
         candle::bail!(
             "conv2d: input {:?} and kernel {:?} (padding {padding}, dilation {dilation}) do not fit",
             x.dims(),
@@ -952,20 +953,20 @@ fn conv_geometry(
             );
         }
     }
-    g.bias = b.is_some();
     Ok(Some(g))
 }
 
 impl ConvGeometry {
-    /// The geometry of a convolution (groups 1, no bias) of a batch of `batch` inputs
-    /// `(c_in, h, w)` with kernels `(c_out, kh, kw)` at `(padding, stride, dilation)`;
-    /// `None` where the kernel does not fit the padded input or a step is 0.
+    /// The geometry of a convolution (groups 1) of a batch of `batch` inputs `(c_in, h,
+    /// w)` with kernels `(c_out, kh, kw)` at `(padding, stride, dilation)`, with a bias
+    /// and a ReLU where asked; `None` where the kernel does not fit the padded input or a
+    /// step is 0.
     fn new(
         batch: usize,
         (c_in, h, w): (usize, usize, usize),
         (c_out, kh, kw): (usize, usize, usize),
         (padding, stride, dilation): (usize, usize, usize),
-        relu: bool,
+        (bias, relu): (bool, bool),
     ) -> Option<Self> {
         let span = |k: usize| dilation * (k - 1) + 1;
         let fits = stride > 0
@@ -987,7 +988,7 @@ impl ConvGeometry {
             stride,
             padding,
             dilation,
-            bias: false,
+            bias,
             relu,
         })
     }
@@ -1008,15 +1009,14 @@ pub(crate) fn conv2d_host(
     (padding, stride, dilation): (usize, usize, usize),
     relu: bool,
 ) -> Result<Vec<f32>> {
-    let shape = (padding, stride, dilation);
-    let g = ConvGeometry::new(batch, (c_in, h, w), (c_out, kh, kw), shape, relu);
+    let (shape, flags) = ((padding, stride, dilation), (bias.is_some(), relu));
+    let g = ConvGeometry::new(batch, (c_in, h, w), (c_out, kh, kw), shape, flags);
     let fits = x.len() == batch * c_in * h * w
         && weight.len() == c_out * c_in * kh * kw
         && bias.is_none_or(|b| b.len() == c_out);
-    let Some(mut g) = g.filter(|_| fits) else {
+    let Some(g) = g.filter(|_| fits) else {
         candle::bail!("conv2d: host buffers that do not fit the convolution");
     };
-    g.bias = bias.is_some();
     conv_forward(&g, x, weight, bias)
 }
 
@@ -1635,7 +1635,7 @@ fn for_each_row<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [
 
 /// `max(v, 0)` where `relu`, else `v`.
 #[inline(always)]
-fn relu_if<T: WithDType>(relu: bool, v: T) -> T {
+pub(crate) fn relu_if<T: WithDType>(relu: bool, v: T) -> T {
     if relu && v < T::zero() {
         T::zero()
     } else {
@@ -1850,8 +1850,22 @@ struct SelectOp {
 }
 
 fn select_forward<T: WithDType>(op: &SelectOp, x: &[T]) -> Result<Vec<T>> {
-    let (units, inner, k) = (op.units, op.inner, op.idx.len());
-    let batch = x.len() / (units * inner).max(1);
+    Ok(select_host(x, op.units, op.inner, &op.idx))
+}
+
+/// Keeps units `idx` of each row of `x` (`units` units of `inner` values each), in that
+/// order: the kernel of [`select_units`], for an inference plan's buffers too.
+pub(crate) fn select_host<T: WithDType>(
+    x: &[T],
+    units: usize,
+    inner: usize,
+    idx: &[usize],
+) -> Vec<T> {
+    let k = idx.len();
+    if k * inner == 0 {
+        return Vec::new(); // nothing kept (a network compressed with `allow_empty`)
+    }
+    let batch = x.len() / (units * inner);
     let mut out = Vec::with_capacity(batch * k * inner);
     if inner == 1 {
         // Features of a flat input: a gather, not a copy per feature; in f32 the hardware
@@ -1865,23 +1879,23 @@ fn select_forward<T: WithDType>(op: &SelectOp, x: &[T]) -> Result<Vec<T>> {
                     batch * k,
                 )
             };
-            if crate::gather::gather_rows_f32(x32, units, &op.idx, dst).is_some() {
+            if crate::gather::gather_rows_f32(x32, units, idx, dst).is_some() {
                 // SAFETY: the gather wrote all `batch · k` values.
                 unsafe { out.set_len(batch * k) };
-                return Ok(out);
+                return out;
             }
         }
         for row in x.chunks_exact(units) {
-            out.extend(op.idx.iter().map(|&j| row[j]));
+            out.extend(idx.iter().map(|&j| row[j]));
         }
-        return Ok(out);
+        return out;
     }
     for row in x.chunks_exact(units * inner) {
-        for &j in op.idx.iter() {
+        for &j in idx {
             out.extend_from_slice(&row[j * inner..(j + 1) * inner]);
         }
     }
-    Ok(out)
+    out
 }
 
 impl CustomOp1 for SelectOp {

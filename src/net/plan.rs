@@ -25,13 +25,14 @@ const MAX_CHUNK_ROWS: usize = 256;
 /// It compiles networks of convolutions (grouped ones too), linear layers, batch norms,
 /// noise layers (their evaluation multiplier, `E[θ]` or 0), fixed scales and shifts,
 /// element-wise activations, max- and average pooling, flattening, unit selections and
-/// scatters, dropout (nothing in evaluation), residual adds and concatenations, unmasked,
-/// in f32 on an x86-64 CPU with AVX2 and FMA: every model of [`crate::models`], with or without SBP layers, and what
-/// [`compress`](crate::compress()) makes of them, keep masks included. A batch norm or noise layer that is the
-/// only reader of a convolution or linear layer is folded into its weights; a convolution
-/// with few channels runs through the direct kernel with its ReLU and 2×2 pooling, others
-/// through im2col + GEMM. On another device or in another dtype it runs through the
-/// network itself; [`is_compiled`](Self::is_compiled) tells which.
+/// scatters, dropout (nothing in evaluation), residual adds, concatenations and keep masks,
+/// in f32 on an x86-64 CPU with AVX2 and FMA: every model of [`crate::models`], with or
+/// without SBP layers, and what [`compress`](crate::compress()) makes of them. A batch
+/// norm or noise layer that is the only reader of a convolution or linear layer is folded
+/// into its weights; a convolution with few channels runs through the direct kernel with
+/// its ReLU and 2×2 pooling, others through im2col + GEMM. On another device, in another
+/// dtype or with a mask on its input, it runs through the network itself;
+/// [`is_compiled`](Self::is_compiled) tells which.
 ///
 /// A compiled plan copies the weights when it is built: build it again after changing the
 /// network. (One that runs through the network shares the network's parameters, as a
@@ -104,7 +105,6 @@ enum Step {
         params: (usize, usize, usize),
         groups: usize,
         relu: bool,
-        out_len: usize,
     },
     /// Places unit `k` of its input at unit `indices[k]` of `units` (zeros elsewhere),
     /// `positions` values a unit.
@@ -118,7 +118,6 @@ enum Step {
         size: (usize, usize),
         kernel: usize,
         stride: usize,
-        out_len: usize,
     },
     /// Keeps `indices` of `units` units of `positions` values each.
     Select {
@@ -148,30 +147,10 @@ enum Step {
         size: (usize, usize),
         kernel: usize,
         stride: usize,
-        out_len: usize,
     },
 }
 
 impl Step {
-    /// Values per example this step writes (0 for the steps that work in place).
-    fn out_len(&self) -> usize {
-        match self {
-            Step::Linear { layer, .. } => layer.outputs(),
-            Step::Direct { conv, .. } => conv.shape().out_len(),
-            Step::Conv { out_len, .. }
-            | Step::MaxPool { out_len, .. }
-            | Step::AvgPool { out_len, .. } => *out_len,
-            Step::Select {
-                positions, indices, ..
-            } => positions * indices.len(),
-            Step::Concat { lens } => lens.iter().sum(),
-            Step::Scatter {
-                units, positions, ..
-            } => units * positions,
-            Step::Affine { .. } | Step::Add(_) | Step::Act(_) | Step::Sum => 0,
-        }
-    }
-
     /// Whether the step rewrites its input in place.
     fn in_place(&self) -> bool {
         matches!(self, Step::Affine { .. } | Step::Add(_) | Step::Act(_))
@@ -202,16 +181,17 @@ impl Step {
     }
 
     /// This step on `rows` examples `x` into a new buffer; `None` where a kernel refused
-    /// its buffers (which the compiler sized, so never in practice).
+    /// its buffers (which the compiler sized, so never in practice). The in-place steps
+    /// and those of several inputs run in [`Compiled::run`].
     fn run(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
-        let n = rows * self.out_len();
         match self {
             Step::Linear { layer, relu } => {
-                let mut y = vec![0f32; n];
+                let mut y = vec![0f32; rows * layer.outputs()];
                 layer.forward(x, rows, *relu, &mut y)?;
                 Some(y)
             }
             Step::Direct { conv, bias } => {
+                let n = rows * conv.shape().out_len();
                 let mut y = Vec::with_capacity(n);
                 conv.forward(rows, x, bias.as_deref(), &mut y.spare_capacity_mut()[..n])?;
                 // SAFETY: the kernel wrote all `n` values.
@@ -226,7 +206,6 @@ impl Step {
                 params,
                 groups,
                 relu,
-                ..
             } => {
                 let (b, w) = (bias.as_deref(), &weights.0);
                 if *groups == 1 {
@@ -240,8 +219,8 @@ impl Step {
                 units,
                 positions,
             } => {
-                let mut y = vec![0f32; n];
                 let (p, per_in) = (*positions, indices.len() * positions);
+                let mut y = vec![0f32; rows * units * p];
                 for (out, row) in y.chunks_exact_mut(units * p).zip(x.chunks_exact(per_in)) {
                     for (k, &u) in indices.iter().enumerate() {
                         let dst = &mut out[u * p..(u + 1) * p];
@@ -255,43 +234,29 @@ impl Step {
                 size,
                 kernel,
                 stride,
-                ..
             } => crate::ops::max_pool2d_host(x, rows * channels, *size, *kernel, *stride).ok(),
             Step::Select {
                 units,
                 positions,
                 indices,
-            } => Some(select(x, *units, *positions, indices, n)),
+            } => Some(crate::ops::select_host(x, *units, *positions, indices)),
             Step::AvgPool {
                 channels,
                 size,
                 kernel,
                 stride,
-                ..
-            } => Some(avg_pool(x, rows * channels, *size, (*kernel, *stride), n)),
-            Step::Affine { .. } | Step::Add(_) | Step::Act(_) => {
-                let mut y = x.to_vec();
-                self.apply(&mut y);
-                Some(y)
+            } => Some(avg_pool(x, rows * channels, *size, (*kernel, *stride))),
+            Step::Affine { .. } | Step::Add(_) | Step::Act(_) | Step::Sum | Step::Concat { .. } => {
+                unreachable!("in-place steps and steps of several inputs run apart")
             }
-            Step::Sum | Step::Concat { .. } => unreachable!("steps of several inputs run apart"),
         }
-    }
-}
-
-/// `max(v, 0)`, NaN kept (as candle's ReLU keeps it).
-fn relu(v: f32) -> f32 {
-    if v < 0.0 {
-        0.0
-    } else {
-        v
     }
 }
 
 /// `f(v)` as the network computes it in f32 (the GELU's erf in f64).
 fn activate(f: Activation, v: f32) -> f32 {
     match f {
-        Activation::Relu => relu(v),
+        Activation::Relu => crate::ops::relu_if(true, v),
         Activation::LeakyRelu { slope } => {
             if v < 0.0 {
                 (f64::from(v) * slope) as f32
@@ -310,17 +275,16 @@ fn activate(f: Activation, v: f32) -> f32 {
 }
 
 /// Means of `kernel × kernel` windows every `stride` over `planes` planes of `(h, w)`
-/// values: `n` values in all.
+/// values.
 fn avg_pool(
     x: &[f32],
     planes: usize,
     (h, w): (usize, usize),
     (kernel, stride): (usize, usize),
-    n: usize,
 ) -> Vec<f32> {
     let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);
     let scale = 1.0 / (kernel * kernel) as f32;
-    let mut out = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(planes * oh * ow);
     for plane in x.chunks_exact(h * w).take(planes) {
         for oy in 0..oh {
             for ox in 0..ow {
@@ -330,29 +294,6 @@ fn avg_pool(
                 });
                 out.push(window.sum::<f32>() * scale);
             }
-        }
-    }
-    out
-}
-
-/// Keeps units `indices` of each row of `x` (`units` units of `positions` values), `n`
-/// values in all.
-fn select(x: &[f32], units: usize, positions: usize, indices: &[usize], n: usize) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    if n == 0 {
-        return out; // nothing kept (a network compressed with `allow_empty`)
-    }
-    if positions == 1
-        && crate::gather::gather_rows_f32(x, units, indices, &mut out.spare_capacity_mut()[..n])
-            .is_some()
-    {
-        // SAFETY: the gather wrote all `n` values.
-        unsafe { out.set_len(n) };
-        return out;
-    }
-    for row in x.chunks_exact(units * positions) {
-        for &u in indices {
-            out.extend_from_slice(&row[u * positions..(u + 1) * positions]);
         }
     }
     out
@@ -397,14 +338,10 @@ impl Net {
             let node = &nodes[i];
             let refuse = |why: &str| Ok(Err(format!("{}: {why}", node.name)));
             let reads: Vec<usize> = node.inputs.iter().map(|&j| slot[j]).collect();
-            // A keep mask multiplies the node's units by 0 or 1 after it: folded into a
-            // convolution's or linear layer's rows, a step of its own after anything else.
-            let mask = self.masks[i].as_ref().map(|m| Step::Affine {
-                scale: m.keep.iter().map(|&k| f32::from(u8::from(k))).collect(),
-                shift: vec![0.0; m.keep.len()],
-                positions: self.shapes[i].positions(),
-            });
             let input = self.shapes[node.inputs[0]];
+            // A keep mask multiplies the node's units by 0 or 1 after it: folded into a
+            // convolution's or linear layer's rows (`compile_weighted`), a step of its own
+            // after anything else.
             if self.weighted(i) {
                 match self.compile_weighted(i)? {
                     Ok((step, tail)) => {
@@ -416,6 +353,11 @@ impl Net {
                 }
                 continue;
             }
+            let mask = self.masks[i].as_ref().map(|m| Step::Affine {
+                scale: m.keep.iter().map(|&k| f32::from(u8::from(k))).collect(),
+                shift: vec![0.0; m.keep.len()],
+                positions: self.shapes[i].positions(),
+            });
             if let Some((scale, shift)) = self.eval_affine(i)? {
                 let step = Step::Affine {
                     scale: to_f32(&scale),
@@ -445,14 +387,13 @@ impl Net {
                     if kernel == 0 || stride == 0 || height < kernel || width < kernel {
                         return refuse("a pooling window larger than its input");
                     }
-                    let (size, out_len) = ((height, width), self.shapes[i].numel());
+                    let size = (height, width);
                     if matches!(node.op, Op::MaxPool2d { .. }) {
                         Step::MaxPool {
                             channels,
                             size,
                             kernel,
                             stride,
-                            out_len,
                         }
                     } else {
                         Step::AvgPool {
@@ -460,7 +401,6 @@ impl Net {
                             size,
                             kernel,
                             stride,
-                            out_len,
                         }
                     }
                 }
@@ -527,19 +467,10 @@ impl Net {
     /// a noise layer (its multiplier `E[θ]` or 0), a fixed scale or a per-unit shift.
     fn eval_affine(&self, k: usize) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
         let units = self.shapes[k].units();
-        let vector = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1()?) };
+        let vector = crate::compress::vec_f64;
         Ok(match (&self.spec.nodes[k].op, &self.nodes[k]) {
-            (Op::BatchNorm { .. }, NodeImpl::BatchNorm(bn)) => {
-                let (mean, var) = (vector(bn.running_mean())?, vector(bn.running_var())?);
-                let (weight, bias) = match bn.weight_and_bias() {
-                    Some((w, b)) => (vector(w)?, vector(b)?),
-                    None => (vec![1.0; units], vec![0.0; units]),
-                };
-                let scale: Vec<f64> = (0..units)
-                    .map(|u| weight[u] / (var[u] + bn.eps()).sqrt())
-                    .collect();
-                let shift = (0..units).map(|u| bias[u] - mean[u] * scale[u]).collect();
-                Some((scale, shift))
+            (&Op::BatchNorm { eps, .. }, NodeImpl::BatchNorm(_)) => {
+                Some(crate::compress::batch_norm_affine(self, k, eps)?)
             }
             (Op::LogNormalDropout { .. }, NodeImpl::Noise(layer)) => {
                 Some((layer.eval_multiplier_values()?, vec![0.0; units]))
@@ -676,7 +607,6 @@ impl Net {
                     params: (padding, stride, dilation),
                     groups,
                     relu,
-                    out_len: self.shapes[k].numel(),
                 };
                 Ok(Ok((step, tail)))
             }
