@@ -22,6 +22,7 @@ pub mod plot;
 pub mod recipe;
 pub mod report;
 pub mod schedule;
+mod simd;
 mod special;
 pub mod surgery;
 pub mod train;

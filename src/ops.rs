@@ -798,8 +798,10 @@ fn relu_mask<T: WithDType>(_: &(), grad: &[T], res: &[T]) -> Result<Vec<T>> {
         let res = &res[n * DS_BLOCK_VALUES..];
         // A select, not a branch: which outputs are positive is a coin toss, and the
         // branch's mispredictions cost LeNet5 5% of its step.
-        for (g, &r) in chunk.iter_mut().zip(res) {
-            *g = if live(true, r) { *g } else { T::zero() };
+        crate::simd::wide! {
+            for (g, &r) in chunk.iter_mut().zip(res) {
+                *g = if live(true, r) { *g } else { T::zero() };
+            }
         }
     });
     Ok(out)
@@ -1166,12 +1168,19 @@ fn linear_forward<T: WithDType>(
     unsafe { y.set_len(n * o) };
     // The bias and the ReLU in one pass over the output.
     if b.is_some() || g.relu {
-        for_each_row(&mut y, o, |_, row| match b {
-            Some(b) => {
-                let with_bias = row.iter_mut().zip(b);
-                with_bias.for_each(|(v, &bias)| *v = relu_if(g.relu, *v + bias))
+        let relu = g.relu; // a local, so that the loop vectorises (see accumulate_ds)
+        for_each_row(&mut y, o, |_, row| {
+            crate::simd::wide! {
+                // Read once, not through the closure's capture for every value.
+                let clamp = relu;
+                match b {
+                    Some(b) => {
+                        let with_bias = row.iter_mut().zip(b);
+                        with_bias.for_each(|(v, &bias)| *v = relu_if(clamp, *v + bias))
+                    }
+                    None => row.iter_mut().for_each(|v| *v = relu_if(true, *v)),
+                }
             }
-            None => row.iter_mut().for_each(|v| *v = relu_if(true, *v)),
         });
     }
     Ok(y)
@@ -1279,15 +1288,19 @@ struct BiasAddOp(BiasGeometry);
 
 /// Adds `b` to each row of the row-major `y` (rows of `b.len()` values).
 fn add_to_rows<T: WithDType>(y: &mut [T], b: &[T]) {
-    for row in y.chunks_mut(b.len().max(1)) {
-        row.iter_mut().zip(b).for_each(|(v, &bias)| *v += bias);
+    crate::simd::wide! {
+        for row in y.chunks_mut(b.len().max(1)) {
+            row.iter_mut().zip(b).for_each(|(v, &bias)| *v += bias);
+        }
     }
 }
 
 /// Adds the column sums of the row-major `m` (rows of `sums.len()` values) to `sums`.
 fn sum_rows_into<T: WithDType>(sums: &mut [T], m: &[T]) {
-    for row in m.chunks(sums.len().max(1)) {
-        sums.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+    crate::simd::wide! {
+        for row in m.chunks(sums.len().max(1)) {
+            sums.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+        }
     }
 }
 
@@ -1656,18 +1669,23 @@ struct ScaleOp(ScaleGeometry);
 fn scale_forward<T: WithDType>(g: &ScaleGeometry, x: &[T], s: &[T]) -> Result<Vec<T>> {
     let per = g.per();
     let mut y = vec![T::zero(); g.batch * per];
+    let relu = g.relu; // a local, so that the loops vectorise (see accumulate_ds)
     for_each_row(&mut y, per, |n, yn| {
         let (xn, fs) = (&x[n * per..(n + 1) * per], g.factors(s, n));
-        if g.inner == 1 {
-            // Vectors (the MLPs): one straight pass over the row.
-            for ((y, &x), &f) in yn.iter_mut().zip(xn).zip(fs) {
-                *y = relu_if(g.relu, x * f);
+        crate::simd::wide! {
+            // Read once, not through the closure's capture for every value.
+            let clamp = relu;
+            if g.inner == 1 {
+                // Vectors (the MLPs): one straight pass over the row.
+                for ((y, &x), &f) in yn.iter_mut().zip(xn).zip(fs) {
+                    *y = relu_if(clamp, x * f);
+                }
+                return;
             }
-            return;
-        }
-        for ((yr, xr), &f) in yn.chunks_mut(g.inner).zip(xn.chunks(g.inner)).zip(fs) {
-            for (y, &x) in yr.iter_mut().zip(xr) {
-                *y = relu_if(g.relu, x * f);
+            for ((yr, xr), &f) in yn.chunks_mut(g.inner).zip(xn.chunks(g.inner)).zip(fs) {
+                for (y, &x) in yr.iter_mut().zip(xr) {
+                    *y = relu_if(clamp, x * f);
+                }
             }
         }
     });
@@ -1676,8 +1694,12 @@ fn scale_forward<T: WithDType>(g: &ScaleGeometry, x: &[T], s: &[T]) -> Result<Ve
 
 /// Adds `Σ_i x·grad` over the inner positions of one example's row to `acc` (one value per
 /// unit), counting only positions where `x > 0` when a ReLU is fused in.
+#[inline(always)]
 fn accumulate_ds<T: WithDType>(g: &ScaleGeometry, acc: &mut [T], x: &[T], grad: &[T]) {
-    let term = |x: T, gv: T| if live(g.relu, x) { x * gv } else { T::zero() };
+    // A local copy: read through `g` the flag is reloaded after every store (which could
+    // alias it), and the loop does not vectorise.
+    let relu = g.relu;
+    let term = move |x: T, gv: T| if live(relu, x) { x * gv } else { T::zero() };
     if g.inner == 1 {
         for ((a, &x), &gv) in acc.iter_mut().zip(x).zip(grad) {
             *a += term(x, gv);
@@ -1720,15 +1742,17 @@ fn scale_backward<T: WithDType>(
     let row = |n: usize| n * per..(n + 1) * per;
     if want_ds && g.per_example {
         for_each_row(&mut out, g.units, |n, dn| {
-            accumulate_ds(g, dn, &x[row(n)], &grad[row(n)])
+            crate::simd::wide! { accumulate_ds(g, dn, &x[row(n)], &grad[row(n)]) }
         });
     } else if want_ds {
         let rows_per_block = (DS_BLOCK_VALUES / per.max(1)).max(1);
         let block = |b: usize| {
             let mut acc = vec![T::zero(); g.units];
-            for n in b * rows_per_block..((b + 1) * rows_per_block).min(g.batch) {
-                accumulate_ds(g, &mut acc, &x[row(n)], &grad[row(n)]);
-            }
+            crate::simd::wide! {
+                for n in b * rows_per_block..((b + 1) * rows_per_block).min(g.batch) {
+                    accumulate_ds(g, &mut acc, &x[row(n)], &grad[row(n)]);
+                }
+            };
             acc
         };
         let blocks = g.batch.div_ceil(rows_per_block);
@@ -1746,17 +1770,20 @@ fn scale_backward<T: WithDType>(
         out.resize(start + g.batch * per, T::zero());
         for_each_row(&mut out[start..], per, |n, dn| {
             let (xn, gn, fs) = (&x[row(n)], &grad[row(n)], g.factors(s, n));
-            let pass = |x: T, gv: T, f: T| if live(g.relu, x) { gv * f } else { T::zero() };
-            if g.inner == 1 {
-                for (((d, &x), &gv), &f) in dn.iter_mut().zip(xn).zip(gn).zip(fs) {
-                    *d = pass(x, gv, f);
+            let relu = g.relu; // a local, so that the loops vectorise (see accumulate_ds)
+            let pass = move |x: T, gv: T, f: T| if live(relu, x) { gv * f } else { T::zero() };
+            crate::simd::wide! {
+                if g.inner == 1 {
+                    for (((d, &x), &gv), &f) in dn.iter_mut().zip(xn).zip(gn).zip(fs) {
+                        *d = pass(x, gv, f);
+                    }
+                    return;
                 }
-                return;
-            }
-            let rows = dn.chunks_mut(g.inner).zip(xn.chunks(g.inner));
-            for (((dr, xr), gr), &f) in rows.zip(gn.chunks(g.inner)).zip(fs) {
-                for ((d, &x), &gv) in dr.iter_mut().zip(xr).zip(gr) {
-                    *d = pass(x, gv, f);
+                let rows = dn.chunks_mut(g.inner).zip(xn.chunks(g.inner));
+                for (((dr, xr), gr), &f) in rows.zip(gn.chunks(g.inner)).zip(fs) {
+                    for ((d, &x), &gv) in dr.iter_mut().zip(xr).zip(gr) {
+                        *d = pass(x, gv, f);
+                    }
                 }
             }
         });
@@ -2075,11 +2102,13 @@ macro_rules! adam_kernel {
             let (scale, eps) = (s.v_scale as $t, s.eps as $t);
             let normal = |x: $t| if x.abs() < <$t>::MIN_POSITIVE { 0.0 } else { x };
             let update = |((p, g), (m, v)): ((&mut [$t], &[$t]), (&mut [$t], &mut [$t]))| {
-                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                    let g = normal(g);
-                    *m = normal(b1 * *m + c1 * g);
-                    *v = normal(b2 * *v + c2 * g * g);
-                    *p = decay * *p - size * *m / (v.sqrt() * scale + eps);
+                crate::simd::wide! {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                        let g = normal(g);
+                        *m = normal(b1 * *m + c1 * g);
+                        *v = normal(b2 * *v + c2 * g * g);
+                        *p = decay * *p - size * *m / (v.sqrt() * scale + eps);
+                    }
                 }
             };
             if !worth_splitting(p.len()) {
@@ -2479,9 +2508,11 @@ fn noise_linear_forward<T: WithDType>(
 ) -> Result<Vec<T>> {
     let theta: Vec<T> = theta.iter().map(|&t| T::from_f64(t)).collect();
     let mut scaled = x.to_vec();
-    for row in scaled.chunks_mut(g.inputs) {
-        row.iter_mut().zip(&theta).for_each(|(v, &t)| *v *= t);
-    }
+    crate::simd::wide! {
+        for row in scaled.chunks_mut(g.inputs) {
+            row.iter_mut().zip(&theta).for_each(|(v, &t)| *v *= t);
+        }
+    };
     linear_forward(g, &scaled, w, None)
 }
 
@@ -2515,14 +2546,16 @@ fn noise_linear_backward<T: WithDType>(
     let partials = crate::par::map(blocks, |b, a_block| {
         let mut d = vec![T::zero(); i];
         let w_block = &w[b * rows * i..];
-        for (a_row, w_row) in a_block.chunks_mut(i).zip(w_block.chunks(i)) {
-            // Zipped rather than indexed, so that the loop vectorises.
-            let lanes = a_row.iter_mut().zip(w_row).zip(d.iter_mut());
-            for (((a, &w), d), &t) in lanes.zip(&theta) {
-                *d += w * *a;
-                *a *= t;
+        crate::simd::wide! {
+            for (a_row, w_row) in a_block.chunks_mut(i).zip(w_block.chunks(i)) {
+                // Zipped rather than indexed, so that the loop vectorises.
+                let lanes = a_row.iter_mut().zip(w_row).zip(d.iter_mut());
+                for (((a, &w), d), &t) in lanes.zip(&theta) {
+                    *d += w * *a;
+                    *a *= t;
+                }
             }
-        }
+        };
         d
     });
     for part in partials {
