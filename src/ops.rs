@@ -2489,44 +2489,52 @@ pub(crate) fn surrogate_scalar(
 // ---------------------------------------------------------------------------------------
 // A noise layer on an input that needs no gradient, feeding a linear layer.
 
-/// `(x ⊙ θ)·wᵀ` for an `x` that needs no gradient (the image, or its flattening) and a
-/// `θ` shared by the batch, as a custom op over `(w, μ, log σ)`. With `A = gradᵀ·x` (one
-/// GEMM), `dw = A·diag(θ)` and `dθ_u = Σ_o w_ou·A_ou`: the GEMM that an unfused layer
-/// spends on the gradient of its input, which only served `dθ`, is saved.
+/// `(x ⊙ θ)·wᵀ + b` for an `x` that needs no gradient (the image, or its flattening) and
+/// a `θ` shared by the batch, as a custom op over `(w, θ, b)` (`θ` from [`noise_theta`],
+/// which passes its gradient on to `μ` and `log σ`). With `A = gradᵀ·x` (one GEMM),
+/// `dw = A·diag(θ)` and `dθ_u = Σ_o w_ou·A_ou`: the GEMM that an unfused layer spends on
+/// the gradient of its input, which only served `dθ`, is saved. The bias is added in the
+/// same op, not by a node of its own (with its own pass, buffers and gradient sum).
 #[derive(Debug, Clone)]
 struct NoiseLinearOp {
     x: Tensor,
     g: LinearGeometry,
-    draw: std::sync::Arc<NoiseDraw>,
+}
+
+impl NoiseLinearOp {
+    /// The input on the host.
+    fn input<R>(&self, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> Result<R> {
+        let (xs, xl) = self.x.storage_and_layout();
+        let candle::Storage::Cpu(xs) = &*xs else {
+            candle::bail!("noise-linear: the input left the CPU");
+        };
+        f(xs, xl)
+    }
 }
 
 fn noise_linear_forward<T: WithDType>(
     g: &LinearGeometry,
     x: &[T],
-    theta: &[f64],
-    w: &[T],
+    (w, theta, b): (&[T], &[T], &[T]),
 ) -> Result<Vec<T>> {
-    let theta: Vec<T> = theta.iter().map(|&t| T::from_f64(t)).collect();
     let mut scaled = x.to_vec();
     crate::simd::wide! {
         for row in scaled.chunks_mut(g.inputs) {
-            row.iter_mut().zip(&theta).for_each(|(v, &t)| *v *= t);
+            row.iter_mut().zip(theta).for_each(|(v, &t)| *v *= t);
         }
     };
-    linear_forward(g, &scaled, w, None)
+    linear_forward(g, &scaled, w, Some(b))
 }
 
-/// `[dw (o·i), dθ (i)]` in one buffer.
+/// `[dw (o·i), dθ (i), db (o)]` in one buffer.
 fn noise_linear_backward<T: WithDType>(
     g: &LinearGeometry,
     x: &[T],
-    theta: &[f64],
-    w: &[T],
-    grad: &[T],
+    (w, theta, grad): (&[T], &[T], &[T]),
 ) -> Result<Vec<T>> {
     let (n, i, o) = (g.batch, g.inputs, g.outputs);
-    let mut out = Vec::with_capacity(o * i + i);
-    // A (o×i) = gradᵀ (o×n) · x (n×i), then dθ's zeros after it.
+    let mut out = Vec::with_capacity(o * i + i + o);
+    // A (o×i) = gradᵀ (o×n) · x (n×i), then dθ's and db's zeros after it.
     matmul_uninit(
         (o, i, n),
         &mut out.spare_capacity_mut()[..o * i],
@@ -2536,9 +2544,10 @@ fn noise_linear_backward<T: WithDType>(
     )?;
     // SAFETY: the product wrote all `o·i` values.
     unsafe { out.set_len(o * i) };
-    out.resize(o * i + i, T::zero());
-    let (a, d_theta) = out.split_at_mut(o * i);
-    let theta: Vec<T> = theta.iter().map(|&t| T::from_f64(t)).collect();
+    out.resize(o * i + i + o, T::zero());
+    let (a, rest) = out.split_at_mut(o * i);
+    let (d_theta, db) = rest.split_at_mut(i);
+    sum_rows_into(db, grad);
     // dθ_j = Σ_rows w·a and dw = a·θ, by fixed blocks of rows in parallel; the blocks'
     // partial sums are added in block order, so dθ does not depend on the thread count.
     let rows = (DS_BLOCK_VALUES / i.max(1)).max(1);
@@ -2550,7 +2559,7 @@ fn noise_linear_backward<T: WithDType>(
             for (a_row, w_row) in a_block.chunks_mut(i).zip(w_block.chunks(i)) {
                 // Zipped rather than indexed, so that the loop vectorises.
                 let lanes = a_row.iter_mut().zip(w_row).zip(d.iter_mut());
-                for (((a, &w), d), &t) in lanes.zip(&theta) {
+                for (((a, &w), d), &t) in lanes.zip(theta) {
                     *d += w * *a;
                     *a *= t;
                 }
@@ -2573,47 +2582,48 @@ impl CustomOp3 for NoiseLinearOp {
         &self,
         s1: &CpuStorage,
         l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-        _s3: &CpuStorage,
-        _l3: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(op: &NoiseLinearOp, s: &CpuStorage, l: &Layout) -> Result<Vec<T>> {
-            let (xs, xl) = op.x.storage_and_layout();
-            let candle::Storage::Cpu(xs) = &*xs else {
-                candle::bail!("noise-linear: the input left the CPU");
-            };
-            noise_linear_forward(&op.g, data(xs, xl)?, &op.draw.theta, data(s, l)?)
+        fn run<T: WithDType>(
+            op: &NoiseLinearOp,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            let params = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+            op.input(|xs, xl| noise_linear_forward(&op.g, data(xs, xl)?, params))
         }
-        let (out, _) = cpu_dispatch!(s1, run(self, s1, l1));
+        let (out, _) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
         Ok((out, Shape::from((self.g.batch, self.g.outputs))))
     }
 
     fn bwd(
         &self,
         w: &Tensor,
-        mu: &Tensor,
-        log_sigma: &Tensor,
+        theta: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = NoiseLinearBackwardOp(self.clone());
-        let all = w.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let all = w.apply_op3_no_bwd(theta, &grad.contiguous()?, &op)?;
         let (o, i) = (self.g.outputs, self.g.inputs);
         let dw = all.narrow(0, 0, o * i)?.reshape(w.shape())?;
-        let d_theta: Vec<f64> = all.narrow(0, o * i, i)?.to_dtype(DType::F64)?.to_vec1()?;
-        Ok((
-            Some(dw),
-            unit_grad(&d_theta, &self.draw.d_mu, mu)?,
-            unit_grad(&d_theta, &self.draw.d_log_sigma, log_sigma)?,
-        ))
+        let d_theta = all.narrow(0, o * i, i)?;
+        let db = needs_grad(b)
+            .then(|| all.narrow(0, o * i + i, o))
+            .transpose()?;
+        Ok((Some(dw), Some(d_theta), db))
     }
 }
 
 #[derive(Debug, Clone)]
 struct NoiseLinearBackwardOp(NoiseLinearOp);
 
-impl CustomOp2 for NoiseLinearBackwardOp {
+impl CustomOp3 for NoiseLinearBackwardOp {
     fn name(&self) -> &'static str {
         "sbp-noise-linear-backward"
     }
@@ -2624,25 +2634,19 @@ impl CustomOp2 for NoiseLinearBackwardOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: WithDType>(
             op: &NoiseLinearOp,
             (s1, l1): (&CpuStorage, &Layout),
             (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
         ) -> Result<Vec<T>> {
-            let (xs, xl) = op.x.storage_and_layout();
-            let candle::Storage::Cpu(xs) = &*xs else {
-                candle::bail!("noise-linear: the input left the CPU");
-            };
-            noise_linear_backward(
-                &op.g,
-                data(xs, xl)?,
-                &op.draw.theta,
-                data(s1, l1)?,
-                data(s2, l2)?,
-            )
+            let args = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+            op.input(|xs, xl| noise_linear_backward(&op.g, data(xs, xl)?, args))
         }
-        let (out, len) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2)));
+        let (out, len) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2), (s3, l3)));
         Ok((out, Shape::from(len)))
     }
 }
@@ -2660,9 +2664,9 @@ pub(crate) fn noise_linear_applies(
         && !needs_grad(x)
         && x.dim(1).ok() == w.dim(1).ok()
         && x.dim(1).ok() == Some(mu.elem_count())
+        && mu.rank() == 1
         && fast_path(&[x, w])
-        && mu.device().is_cpu()
-        && log_sigma.device().is_cpu()
+        && surrogate_applies(mu, log_sigma)
 }
 
 /// `(x ⊙ θ)·wᵀ + b` for a noise layer's draw shared by the batch, where
@@ -2674,10 +2678,7 @@ pub(crate) fn noise_linear(
     w: &Tensor,
     b: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if !noise_linear_applies(x, mu, log_sigma, w)
-        || draw.rows != 1
-        || draw.theta.len() != mu.elem_count()
-    {
+    if !noise_linear_applies(x, mu, log_sigma, w) || draw.rows != 1 {
         candle::bail!(
             "noise-linear: no fused kernel for input {:?} and weight {:?}",
             x.dims(),
@@ -2688,19 +2689,20 @@ pub(crate) fn noise_linear(
         batch: x.dim(0)?,
         inputs: x.dim(1)?,
         outputs: w.dim(0)?,
-        bias: false,
+        bias: true,
         relu: false,
+    };
+    let theta = noise_theta(mu, log_sigma, draw)?.to_dtype(w.dtype())?;
+    // Without a bias, zeros: a constant, so nothing computes or keeps its gradient.
+    let b = match b {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(g.outputs, w.dtype(), w.device())?,
     };
     let op = NoiseLinearOp {
         x: x.contiguous()?,
         g,
-        draw: std::sync::Arc::new(draw),
     };
-    let y = w.contiguous()?.apply_op3(mu, log_sigma, op)?;
-    match b {
-        Some(b) => add_bias(&y, b),
-        None => Ok(y),
-    }
+    w.contiguous()?.apply_op3(&theta, &b, op)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -427,21 +427,39 @@ fn grouped_convolutions_fall_back_to_candle() {
     assert_eq!(relative_error(&reference, &ours), 0.0);
 }
 
+/// Input noise on a linear layer without a bias, then a ReLU and a linear layer with one.
+fn input_noise_without_bias(
+    config: Option<candle_sbp::LogNormalDropoutConfig>,
+    vb: candle_nn::VarBuilder,
+) -> candle_sbp::Result<candle_sbp::Net> {
+    let mut b = candle_sbp::NetBuilder::new(candle_sbp::NodeShape::image(1, 28, 28), vb);
+    let mut x = b.flatten(b.input())?;
+    if let Some(config) = config {
+        x = b.log_normal_dropout("sbp_in", x, config)?;
+    }
+    let x = b.linear_no_bias("fc1", x, 12)?;
+    let x = b.relu(x)?;
+    let x = b.linear("fc2", x, 10)?;
+    b.build(x)
+}
+
 /// Fused ops: in training a noise layer on the input of a linear layer (no gradient for
-/// the input, `dθ` from the weight gradient) and noise layers next to a ReLU (one pass);
-/// in training and evaluation a convolution or linear layer and the ReLU after it. Tapping
-/// every node keeps all layers apart. Same draws, same loss, same gradients for every
-/// parameter, on the MLP (input noise, linear → ReLU → noise) and on LeNet5 (conv → noise
-/// → ReLU, flatten → noise → linear), with and without noise layers; same outputs in
-/// evaluation.
+/// the input, `dθ` from the weight gradient, the bias added in the same op) and noise
+/// layers next to a ReLU (one pass); in training and evaluation a convolution or linear
+/// layer and the ReLU after it. Tapping every node keeps all layers apart. Same draws,
+/// same loss, same gradients for every parameter, on the MLP (input noise, linear → ReLU
+/// → noise), on input noise before a linear layer without a bias and on LeNet5 (conv →
+/// noise → ReLU, flatten → noise → linear), with and without noise layers; same outputs
+/// in evaluation.
 #[test]
 fn fused_layers_match_the_unfused_layers() {
     type Build = fn(
         Option<candle_sbp::LogNormalDropoutConfig>,
         candle_nn::VarBuilder,
     ) -> candle_sbp::Result<candle_sbp::Net>;
-    let models: [(&str, Build); 2] = [
+    let models: [(&str, Build); 3] = [
         ("model A", candle_sbp::models::dropnet_model_a),
+        ("input noise without bias", input_noise_without_bias),
         ("lenet5", candle_sbp::models::lenet5_caffe),
     ];
     let cases = models
