@@ -2501,15 +2501,24 @@ struct NoiseLinearOp {
     g: LinearGeometry,
 }
 
-impl NoiseLinearOp {
-    /// The input on the host.
-    fn input<R>(&self, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> Result<R> {
-        let (xs, xl) = self.x.storage_and_layout();
-        let candle::Storage::Cpu(xs) = &*xs else {
-            candle::bail!("noise-linear: the input left the CPU");
-        };
-        f(xs, xl)
-    }
+/// A kernel of the noise-linear op: its geometry, its input `x` and three operands.
+type NoiseLinearKernel<T> = fn(&LinearGeometry, &[T], (&[T], &[T], &[T])) -> Result<Vec<T>>;
+
+/// `kernel` on the host values of `op`'s input and of three operands (the `cpu_fwd` of
+/// the op and of its backward op).
+fn noise_linear_run<T: WithDType>(
+    op: &NoiseLinearOp,
+    kernel: NoiseLinearKernel<T>,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<Vec<T>> {
+    let operands = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+    let (xs, xl) = op.x.storage_and_layout();
+    let candle::Storage::Cpu(xs) = &*xs else {
+        candle::bail!("noise-linear: the input left the CPU");
+    };
+    kernel(&op.g, data(xs, xl)?, operands)
 }
 
 fn noise_linear_forward<T: WithDType>(
@@ -2587,16 +2596,11 @@ impl CustomOp3 for NoiseLinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            op: &NoiseLinearOp,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            let params = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
-            op.input(|xs, xl| noise_linear_forward(&op.g, data(xs, xl)?, params))
-        }
-        let (out, _) = cpu_dispatch!(s1, run(self, (s1, l1), (s2, l2), (s3, l3)));
+        let args = ((s1, l1), (s2, l2), (s3, l3));
+        let (out, _) = cpu_dispatch!(
+            s1,
+            noise_linear_run(self, noise_linear_forward, args.0, args.1, args.2)
+        );
         Ok((out, Shape::from((self.g.batch, self.g.outputs))))
     }
 
@@ -2637,16 +2641,11 @@ impl CustomOp3 for NoiseLinearBackwardOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(
-            op: &NoiseLinearOp,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
-        ) -> Result<Vec<T>> {
-            let args = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
-            op.input(|xs, xl| noise_linear_backward(&op.g, data(xs, xl)?, args))
-        }
-        let (out, len) = cpu_dispatch!(s1, run(&self.0, (s1, l1), (s2, l2), (s3, l3)));
+        let args = ((s1, l1), (s2, l2), (s3, l3));
+        let (out, len) = cpu_dispatch!(
+            s1,
+            noise_linear_run(&self.0, noise_linear_backward, args.0, args.1, args.2)
+        );
         Ok((out, Shape::from(len)))
     }
 }
