@@ -757,8 +757,10 @@ fn conv_backward<T: WithDType>(
                 // dw += Gᵀ-block (o × nb·p) · colsᵀ (nb·p × k)
                 matmul((o, k, ld), &mut dw, true, (&gt, ld, 1), (&cols, 1, ld), par)?;
                 if g.bias {
-                    for (d, row) in db.iter_mut().zip(gt.chunks(ld)) {
-                        *d += row.iter().fold(T::zero(), |a, &v| a + v);
+                    crate::simd::wide! {
+                        for (d, row) in db.iter_mut().zip(gt.chunks(ld)) {
+                            *d += sum_lanes(row, row, |v, _| v);
+                        }
                     }
                 }
                 if let Some(dx_part) = dx_part.as_deref_mut() {
@@ -1692,6 +1694,31 @@ fn scale_forward<T: WithDType>(g: &ScaleGeometry, x: &[T], s: &[T]) -> Result<Ve
     Ok(y)
 }
 
+/// Lanes of [`sum_lanes`]: a 16-lane vector of f32, two of f64.
+const SUM_LANES: usize = 16;
+
+/// `Σ_i term(a_i, b_i)` over two equally long slices, as `SUM_LANES` interleaved partial
+/// sums added up in a fixed order at the end. One running sum is a chain of dependent
+/// additions, one every 4 cycles and never vectorised (the compiler keeps the order of
+/// float additions); interleaved sums vectorise, and the order, fixed by the length
+/// alone, gives the same value on any machine and thread count.
+#[inline(always)]
+fn sum_lanes<T: WithDType>(a: &[T], b: &[T], term: impl Fn(T, T) -> T) -> T {
+    let (ac, bc) = (a.chunks_exact(SUM_LANES), b.chunks_exact(SUM_LANES));
+    let tail: T = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + term(x, y));
+    let mut lanes = [T::zero(); SUM_LANES];
+    for (ca, cb) in ac.zip(bc) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(ca).zip(cb) {
+            *l += term(x, y);
+        }
+    }
+    lanes.iter().fold(T::zero(), |s, &l| s + l) + tail
+}
+
 /// Adds `Σ_i x·grad` over the inner positions of one example's row to `acc` (one value per
 /// unit), counting only positions where `x > 0` when a ReLU is fused in.
 #[inline(always)]
@@ -1711,10 +1738,7 @@ fn accumulate_ds<T: WithDType>(g: &ScaleGeometry, acc: &mut [T], x: &[T], grad: 
         .zip(x.chunks(g.inner))
         .zip(grad.chunks(g.inner))
     {
-        *a += xr
-            .iter()
-            .zip(gr)
-            .fold(T::zero(), |s, (&x, &gv)| s + term(x, gv));
+        *a += sum_lanes(xr, gr, term);
     }
 }
 
@@ -2869,6 +2893,29 @@ mod tests {
         assert!(
             matmul_uninit((2, 3, 1), dst, (&[1.0; 2], 1, 1), (&[1.0; 3], 3, 1), false).is_err()
         );
+    }
+
+    /// The interleaved sum against a running sum in f64: integers (exact either way) and
+    /// random values (within the rounding of the sums), at every remainder of the lanes,
+    /// with the term applied to both slices.
+    #[test]
+    fn interleaved_sums_add_up_every_term() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for len in [0, 1, 15, 16, 17, 33, 100, 576, 1000] {
+            let ints: Vec<f32> = (0..len).map(|i| (i % 7) as f32 - 3.0).collect();
+            let exact: f32 = ints.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+            assert_eq!(sum_lanes(&ints, &ints, |v, _| v), exact, "len {len}");
+            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let term = |x: f32, y: f32| if x > 0.0 { x * y } else { 0.0 };
+            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(term(x, y))).sum();
+            let got = f64::from(sum_lanes(&a, &b, term));
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "len {len}: {got} {want}"
+            );
+        }
     }
 
     /// Every filling of a 2×2 window from values with ties, both zeros, infinities and
