@@ -800,6 +800,8 @@ mod tests {
         // Channel counts and output sizes that leave every remainder of the 4-channel,
         // 3-row and 8-column tiles, with and without padding and bias, batch 1 and more.
         let cases = [
+            (1, 1, 30, 40, 2, 3, 3, 0, true),
+            (2, 1, 21, 19, 5, 3, 3, 1, false),
             (1, 1, 28, 28, 6, 5, 5, 0, true),
             (3, 2, 12, 12, 11, 5, 5, 0, true),
             (1, 1, 5, 5, 1, 5, 5, 0, false),
