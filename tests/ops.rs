@@ -427,8 +427,10 @@ fn grouped_convolutions_fall_back_to_candle() {
     assert_eq!(relative_error(&reference, &ours), 0.0);
 }
 
-/// Input noise on a linear layer without a bias, then a ReLU and a linear layer with one.
-fn input_noise_without_bias(
+/// Input noise on a linear layer without a bias, a linear layer and its ReLU, then a noise
+/// layer and a linear layer small enough (48 weights for 6 × 12 activations) that the
+/// noise folds into its input columns.
+fn small_noisy_mlp(
     config: Option<candle_sbp::LogNormalDropoutConfig>,
     vb: candle_nn::VarBuilder,
 ) -> candle_sbp::Result<candle_sbp::Net> {
@@ -437,20 +439,26 @@ fn input_noise_without_bias(
     if let Some(config) = config {
         x = b.log_normal_dropout("sbp_in", x, config)?;
     }
-    let x = b.linear_no_bias("fc1", x, 12)?;
-    let x = b.relu(x)?;
-    let x = b.linear("fc2", x, 10)?;
+    x = b.linear_no_bias("fc1", x, 12)?;
+    x = b.relu(x)?;
+    x = b.linear("fc_mid", x, 12)?;
+    x = b.relu(x)?;
+    if let Some(config) = config {
+        x = b.log_normal_dropout("sbp1", x, config)?;
+    }
+    let x = b.linear("fc2", x, 4)?;
     b.build(x)
 }
 
 /// Fused ops: in training a noise layer on the input of a linear layer (no gradient for
-/// the input, `dθ` from the weight gradient, the bias added in the same op) and noise
-/// layers next to a ReLU (one pass); in training and evaluation a convolution or linear
-/// layer and the ReLU after it. Tapping every node keeps all layers apart. Same draws,
-/// same loss, same gradients for every parameter, on the MLP (input noise, linear → ReLU
-/// → noise), on input noise before a linear layer without a bias and on LeNet5 (conv →
-/// noise → ReLU, flatten → noise → linear), with and without noise layers; same outputs
-/// in evaluation.
+/// the input, `dθ` from the weight gradient, the bias added in the same op), a noise
+/// layer folded into the input columns of a small linear layer after it, and noise layers
+/// next to a ReLU (one pass); in training and evaluation a convolution or linear layer and
+/// the ReLU after it. Tapping every node keeps all layers apart. Same draws, same loss,
+/// same gradients for every parameter, on the MLP (input noise, linear → ReLU → noise), on
+/// a small MLP (input noise before a linear layer without a bias, a noise layer before a
+/// small one) and on LeNet5 (conv → noise → ReLU, flatten → noise → linear), with and
+/// without noise layers; same outputs in evaluation.
 #[test]
 fn fused_layers_match_the_unfused_layers() {
     type Build = fn(
@@ -459,7 +467,7 @@ fn fused_layers_match_the_unfused_layers() {
     ) -> candle_sbp::Result<candle_sbp::Net>;
     let models: [(&str, Build); 3] = [
         ("model A", candle_sbp::models::dropnet_model_a),
-        ("input noise without bias", input_noise_without_bias),
+        ("small noisy MLP", small_noisy_mlp),
         ("lenet5", candle_sbp::models::lenet5_caffe),
     ];
     let cases = models
