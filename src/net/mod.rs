@@ -604,8 +604,8 @@ impl Net {
     /// linear layer followed by a ReLU or by a noise layer that folds into its weights, a
     /// noise layer followed by a ReLU and a ReLU followed by a noise layer; in evaluation a
     /// convolution or ReLU followed by max-pooling; in training a noise layer followed by
-    /// a linear layer (see [`LogNormalDropout::forward_into_linear`]). Only for an
-    /// unmasked, untapped node.
+    /// a linear layer (see [`LogNormalDropout::forward_into_linear`], and
+    /// [`folds_into_next`](Self::folds_into_next)). Only for an unmasked, untapped node.
     fn defers(&self, i: usize, train: bool, taps: &[usize], batch: usize) -> bool {
         if self.masks[i].is_some() || taps.contains(&i) {
             return false;
