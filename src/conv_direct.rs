@@ -89,15 +89,7 @@ pub(crate) fn available() -> bool {
 /// Whether this machine also runs the 16-lane (AVX-512F) tiles, here and in
 /// [`crate::linear_dot`].
 pub(crate) fn wide_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| available() && std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    available() && crate::simd::level() == crate::simd::Level::Avx512
 }
 
 /// Whether this kernel beats im2col + GEMM on the convolution `g`: up to 64 output

@@ -1170,15 +1170,13 @@ fn linear_forward<T: WithDType>(
     unsafe { y.set_len(n * o) };
     // The bias and the ReLU in one pass over the output.
     if b.is_some() || g.relu {
-        let relu = g.relu; // a local, so that the loop vectorises (see accumulate_ds)
         for_each_row(&mut y, o, |_, row| {
             crate::simd::wide! {
-                // Read once, not through the closure's capture for every value.
-                let clamp = relu;
+                let relu = g.relu; // read once (see accumulate_ds)
                 match b {
                     Some(b) => {
                         let with_bias = row.iter_mut().zip(b);
-                        with_bias.for_each(|(v, &bias)| *v = relu_if(clamp, *v + bias))
+                        with_bias.for_each(|(v, &bias)| *v = relu_if(relu, *v + bias))
                     }
                     None => row.iter_mut().for_each(|v| *v = relu_if(true, *v)),
                 }
@@ -1671,22 +1669,20 @@ struct ScaleOp(ScaleGeometry);
 fn scale_forward<T: WithDType>(g: &ScaleGeometry, x: &[T], s: &[T]) -> Result<Vec<T>> {
     let per = g.per();
     let mut y = vec![T::zero(); g.batch * per];
-    let relu = g.relu; // a local, so that the loops vectorise (see accumulate_ds)
     for_each_row(&mut y, per, |n, yn| {
         let (xn, fs) = (&x[n * per..(n + 1) * per], g.factors(s, n));
         crate::simd::wide! {
-            // Read once, not through the closure's capture for every value.
-            let clamp = relu;
+            let relu = g.relu; // read once (see accumulate_ds)
             if g.inner == 1 {
                 // Vectors (the MLPs): one straight pass over the row.
                 for ((y, &x), &f) in yn.iter_mut().zip(xn).zip(fs) {
-                    *y = relu_if(clamp, x * f);
+                    *y = relu_if(relu, x * f);
                 }
                 return;
             }
             for ((yr, xr), &f) in yn.chunks_mut(g.inner).zip(xn.chunks(g.inner)).zip(fs) {
                 for (y, &x) in yr.iter_mut().zip(xr) {
-                    *y = relu_if(clamp, x * f);
+                    *y = relu_if(relu, x * f);
                 }
             }
         }
@@ -1794,7 +1790,7 @@ fn scale_backward<T: WithDType>(
         out.resize(start + g.batch * per, T::zero());
         for_each_row(&mut out[start..], per, |n, dn| {
             let (xn, gn, fs) = (&x[row(n)], &grad[row(n)], g.factors(s, n));
-            let relu = g.relu; // a local, so that the loops vectorise (see accumulate_ds)
+            let relu = g.relu; // read once (see accumulate_ds)
             let pass = move |x: T, gv: T, f: T| if live(relu, x) { gv * f } else { T::zero() };
             crate::simd::wide! {
                 if g.inner == 1 {
@@ -2716,7 +2712,8 @@ pub(crate) fn noise_linear(
         relu: false,
     };
     let theta = noise_theta(mu, log_sigma, draw)?.to_dtype(w.dtype())?;
-    // Without a bias, zeros: a constant, so nothing computes or keeps its gradient.
+    // Without a bias, zeros: a constant, so candle keeps no gradient for it (the op's
+    // column sums for it are dropped).
     let b = match b {
         Some(b) => b.contiguous()?,
         None => Tensor::zeros(g.outputs, w.dtype(), w.device())?,
