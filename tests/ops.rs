@@ -427,9 +427,10 @@ fn grouped_convolutions_fall_back_to_candle() {
     assert_eq!(relative_error(&reference, &ours), 0.0);
 }
 
-/// Input noise on a linear layer without a bias, a linear layer and its ReLU, then a noise
-/// layer and a linear layer small enough (48 weights for 6 × 12 activations) that the
-/// noise folds into its input columns.
+/// Input noise on a linear layer without a bias (100 outputs: the backward of the fused
+/// noise-linear op runs in five blocks of rows, the last one partial), a linear layer and
+/// its ReLU, then a noise layer and a linear layer small enough (48 weights for 6 × 12
+/// activations) that the noise folds into its input columns.
 fn small_noisy_mlp(
     config: Option<candle_sbp::LogNormalDropoutConfig>,
     vb: candle_nn::VarBuilder,
@@ -439,7 +440,7 @@ fn small_noisy_mlp(
     if let Some(config) = config {
         x = b.log_normal_dropout("sbp_in", x, config)?;
     }
-    x = b.linear_no_bias("fc1", x, 12)?;
+    x = b.linear_no_bias("fc1", x, 100)?;
     x = b.relu(x)?;
     x = b.linear("fc_mid", x, 12)?;
     x = b.relu(x)?;
