@@ -167,6 +167,9 @@ pub struct LogNormalDropout {
     /// Whether [`kl`](Self::kl) ran since the last draw: only then does the next draw
     /// compute the KL too (dense pretraining, with no KL term, never pays for it).
     kl_in_use: Arc<AtomicBool>,
+    /// A draw shared by the batch, made ahead by [`prepare_shared_draws`] together with
+    /// the other noise layers of a network, for the forward pass under way.
+    prepared: Arc<Mutex<Option<HostDraw>>>,
 }
 
 /// Per unit, derivatives with respect to `μ` and `log σ` (clamp-gated).
@@ -307,6 +310,7 @@ impl LogNormalDropout {
             rng,
             kl_cache: Arc::default(),
             kl_in_use: Arc::default(),
+            prepared: Arc::default(),
         })
     }
 
@@ -334,6 +338,8 @@ impl LogNormalDropout {
     /// Restarts the noise stream from `seed` (mixed with the layer's name).
     pub fn reseed(&self, seed: u64) {
         *self.lock_rng() = StdRng::seed_from_u64(stream_seed(seed, &self.name));
+        // A draw made ahead came from the old stream.
+        self.lock_prepared().take();
     }
 
     /// The per-unit noise distributions, with `μ` and `log σ` clamped as in the forward
@@ -542,17 +548,30 @@ impl LogNormalDropout {
         self.draw_rows(rows)
     }
 
-    /// [`draw`](Self::draw) for `rows` rows of units.
+    /// [`draw`](Self::draw) for `rows` rows of units: the one made ahead for this forward
+    /// pass if there is one, else a fresh one.
     fn draw_rows(&self, rows: usize) -> Result<HostDraw> {
+        if rows == 1 {
+            if let Some(draw) = self.lock_prepared().take() {
+                return Ok(draw);
+            }
+        }
+        let job = self.draw_job(rows)?;
+        let chunks =
+            crate::par::map_range_chunks(job.len(), PAR_UNITS, |r| self.draw_chunk(&job, r));
+        self.finish_draw(job, chunks)
+    }
+
+    /// The sequential part of a draw: the parameters on the host, and the uniforms in
+    /// stream order (the costlier transforms then run in parallel: the same values on any
+    /// number of threads).
+    fn draw_job(&self, rows: usize) -> Result<DrawJob> {
         let (mu, log_sigma) = self.host_params()?;
-        let units = mu.len();
-        let n = rows * units;
+        let n = rows * mu.len();
         if !mu.iter().chain(&log_sigma).all(|v| v.is_finite()) {
             // The error names the first bad parameter, before the stream moves on.
             self.clamp(&mu, &log_sigma)?;
         }
-        // The uniforms in stream order, then the (costlier) transforms in parallel: the
-        // same values on any number of threads.
         let uniforms: Vec<f64> = {
             let mut rng = self.lock_rng();
             (0..n).map(|_| open_unit(&mut rng)).collect()
@@ -566,39 +585,58 @@ impl LogNormalDropout {
         } else {
             None
         };
-        let chunks = crate::par::map_range_chunks(n, PAR_UNITS, |r| {
-            let mut d = HostDraw::with_capacity(r.len(), with_kl);
-            for k in r {
-                let i = k % units;
-                let p = match &clamped {
-                    Some(params) => params[i],
-                    None => self.unit_params(i, mu[i], log_sigma[i])?,
-                };
-                let s = if with_kl {
-                    let (s, kl, g) = p.dist.sample_and_kl_unchecked(uniforms[k]);
-                    d.kl.push(kl, p.gate(g.d_mu, g.d_log_sigma));
-                    s
-                } else {
-                    p.dist.sample_unchecked(uniforms[k])
-                };
-                d.push(s.log_theta, p.gate(s.d_mu, s.d_log_sigma));
-            }
-            Ok::<_, Error>(d)
-        });
-        let mut draw = HostDraw::with_capacity(n, with_kl);
+        Ok(DrawJob {
+            mu,
+            log_sigma,
+            uniforms,
+            with_kl,
+            clamped,
+            rows,
+        })
+    }
+
+    /// The draws (and KL terms) of the job's positions `r`.
+    fn draw_chunk(&self, job: &DrawJob, r: std::ops::Range<usize>) -> Result<HostDraw> {
+        let units = job.mu.len();
+        let mut d = HostDraw::with_capacity(r.len(), job.with_kl);
+        for k in r {
+            let i = k % units;
+            let p = match &job.clamped {
+                Some(params) => params[i],
+                None => self.unit_params(i, job.mu[i], job.log_sigma[i])?,
+            };
+            let s = if job.with_kl {
+                let (s, kl, g) = p.dist.sample_and_kl_unchecked(job.uniforms[k]);
+                d.kl.push(kl, p.gate(g.d_mu, g.d_log_sigma));
+                s
+            } else {
+                p.dist.sample_unchecked(job.uniforms[k])
+            };
+            d.push(s.log_theta, p.gate(s.d_mu, s.d_log_sigma));
+        }
+        Ok(d)
+    }
+
+    /// The job's chunks in order as one draw; its KL terms are kept for the step's loss.
+    fn finish_draw(&self, job: DrawJob, chunks: Vec<Result<HostDraw>>) -> Result<HostDraw> {
+        let mut draw = HostDraw::with_capacity(job.len(), job.with_kl);
         for chunk in chunks {
             draw.append(chunk?);
         }
-        draw.rows = rows;
-        if with_kl {
+        draw.rows = job.rows;
+        if job.with_kl {
             let terms = std::mem::take(&mut draw.kl);
             *self.kl_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(KlCache {
-                mu,
-                log_sigma,
+                mu: job.mu,
+                log_sigma: job.log_sigma,
                 terms,
             });
         }
         Ok(draw)
+    }
+
+    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, Option<HostDraw>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `θ` as a candle expression of `μ` and `log σ` (the path for other devices): shape
@@ -764,6 +802,80 @@ fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1()?)
 }
 
+/// The sequential part of a draw, whose positions are then transformed in parallel.
+#[derive(Debug)]
+struct DrawJob {
+    mu: Vec<f64>,
+    log_sigma: Vec<f64>,
+    uniforms: Vec<f64>,
+    with_kl: bool,
+    /// With several rows, every unit's distribution, clamped once.
+    clamped: Option<Vec<UnitParams>>,
+    rows: usize,
+}
+
+impl DrawJob {
+    fn len(&self) -> usize {
+        self.uniforms.len()
+    }
+}
+
+/// The next draws shared by the batch of several noise layers, made together in one
+/// parallel pass for the forward pass about to run; each layer's draw then takes its own
+/// instead of drawing. The values are those the layers would draw one by one (each from
+/// its own stream): one pass instead of one a layer saves the hand-offs to the threads
+/// and the idle ends of the passes. Dropping it drops what the forward pass left
+/// unused (one that failed half-way), so that a later pass draws afresh.
+pub(crate) struct PreparedDraws<'a>(Vec<&'a LogNormalDropout>);
+
+impl<'a> PreparedDraws<'a> {
+    /// Draws for those of `layers` whose draw is shared by the batch (nothing for fewer
+    /// than two: there is nothing to save).
+    pub(crate) fn new(layers: Vec<&'a LogNormalDropout>) -> Result<Self> {
+        let layers: Vec<_> = layers
+            .into_iter()
+            .filter(|l| l.config.noise == NoiseMode::SharedPerBatch)
+            .collect();
+        if layers.len() < 2 {
+            return Ok(Self(Vec::new()));
+        }
+        let jobs = layers
+            .iter()
+            .map(|l| l.draw_job(1))
+            .collect::<Result<Vec<_>>>()?;
+        // Every layer's chunks, as each would split its own draw, in one list.
+        let items: Vec<(usize, std::ops::Range<usize>)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(k, job)| {
+                let ranges = crate::par::chunk_ranges(job.len(), PAR_UNITS);
+                ranges.into_iter().map(move |r| (k, r))
+            })
+            .collect();
+        let owners: Vec<usize> = items.iter().map(|(k, _)| *k).collect();
+        let results = crate::par::map(items, |_, (k, r)| layers[k].draw_chunk(&jobs[k], r));
+        let mut chunks = results.into_iter().zip(owners).peekable();
+        let prepared = Self(layers);
+        for (k, (layer, job)) in prepared.0.iter().zip(jobs).enumerate() {
+            let mut own = Vec::new();
+            while let Some((chunk, _)) = chunks.next_if(|(_, owner)| *owner == k) {
+                own.push(chunk);
+            }
+            let draw = layer.finish_draw(job, own)?;
+            *layer.lock_prepared() = Some(draw);
+        }
+        Ok(prepared)
+    }
+}
+
+impl Drop for PreparedDraws<'_> {
+    fn drop(&mut self) {
+        for layer in &self.0 {
+            layer.lock_prepared().take();
+        }
+    }
+}
+
 /// One step's draw on the host, row-major `(rows, units)`.
 #[derive(Debug, Default)]
 struct HostDraw {
@@ -837,4 +949,87 @@ pub(crate) fn stream_seed(seed: u64, name: &str) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three layers of different sizes whose units cover every kind of window.
+    fn layers() -> Vec<LogNormalDropout> {
+        [(700usize, "a"), (130, "b"), (5, "c")]
+            .into_iter()
+            .map(|(n, name)| {
+                let mu: Vec<f32> = (0..n).map(|i| -25.0 + 30.0 * i as f32 / n as f32).collect();
+                let ls: Vec<f32> = (0..n).map(|i| -6.0 + (i % 7) as f32).collect();
+                let mu = Tensor::new(mu.as_slice(), &Device::Cpu).unwrap();
+                let ls = Tensor::new(ls.as_slice(), &Device::Cpu).unwrap();
+                let config = LogNormalDropoutConfig {
+                    seed: 5,
+                    ..Default::default()
+                };
+                LogNormalDropout::new(mu, ls, config, name).unwrap()
+            })
+            .collect()
+    }
+
+    fn bits(draw: &HostDraw) -> Vec<u64> {
+        [
+            &draw.log_theta,
+            &draw.theta,
+            &draw.grad.mu,
+            &draw.grad.log_sigma,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|v| v.to_bits())
+        .collect()
+    }
+
+    fn kl_bits(layer: &LogNormalDropout) -> Vec<u64> {
+        let cache = layer.kl_cache.lock().unwrap();
+        let terms = &cache.as_ref().expect("the draw kept its KL terms").terms;
+        [&terms.kl, &terms.grad.mu, &terms.grad.log_sigma]
+            .into_iter()
+            .flatten()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// Draws made together are those the layers make one by one, KL terms included, and
+    /// what a forward pass leaves unused is dropped: the streams then go on from there.
+    #[test]
+    fn draws_made_together_equal_draws_made_one_by_one() {
+        let (together, alone) = (layers(), layers());
+        for with_kl in [true, false] {
+            if with_kl {
+                together
+                    .iter()
+                    .chain(&alone)
+                    .for_each(|l| _ = l.kl().unwrap());
+            }
+            let prepared = PreparedDraws::new(together.iter().collect()).unwrap();
+            for (t, a) in together.iter().zip(&alone) {
+                assert!(t.lock_prepared().is_some(), "{}", t.name);
+                assert_eq!(
+                    bits(&t.draw_rows(1).unwrap()),
+                    bits(&a.draw_rows(1).unwrap())
+                );
+                if with_kl {
+                    assert_eq!(kl_bits(t), kl_bits(a), "{}", t.name);
+                }
+            }
+            drop(prepared);
+        }
+        // Unused: the next draws come from further on in each stream.
+        drop(PreparedDraws::new(together.iter().collect()).unwrap());
+        for (t, a) in together.iter().zip(&alone) {
+            assert!(t.lock_prepared().is_none());
+            a.draw_rows(1).unwrap();
+            assert_eq!(
+                bits(&t.draw_rows(1).unwrap()),
+                bits(&a.draw_rows(1).unwrap())
+            );
+        }
+    }
 }

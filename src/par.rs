@@ -107,9 +107,13 @@ pub(crate) fn map_range_chunks<R: Send>(
     min_len: usize,
     f: impl Fn(std::ops::Range<usize>) -> R + Sync,
 ) -> Vec<R> {
+    map(chunk_ranges(n, min_len), |_, r| f(r))
+}
+
+/// The ranges that [`map_range_chunks`] splits `0..n` into.
+pub(crate) fn chunk_ranges(n: usize, min_len: usize) -> Vec<std::ops::Range<usize>> {
     let step = n.div_ceil(2 * threads()).max(min_len).max(1);
-    let ranges: Vec<_> = (0..n).step_by(step).map(|a| a..(a + step).min(n)).collect();
-    map(ranges, |_, r| f(r))
+    (0..n).step_by(step).map(|a| a..(a + step).min(n)).collect()
 }
 
 #[cfg(test)]

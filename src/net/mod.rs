@@ -540,6 +540,14 @@ impl Net {
                 reason: format!("expected (batch ≥ 1, {:?})", &want[1..]),
             });
         }
+        // In training, the noise layers' draws shared by the batch are made together; what
+        // this pass does not take is dropped at its end.
+        let _draws = if train {
+            let layers = self.noise_layers().into_iter().map(|(_, l)| l).collect();
+            Some(crate::layer::PreparedDraws::new(layers)?)
+        } else {
+            None
+        };
         let mut values: Vec<Option<Tensor>> = vec![None; n];
         let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
         // Per postponed node: the chain of postponed nodes ending with it (see `defers`).
