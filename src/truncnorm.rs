@@ -106,27 +106,12 @@ impl TruncatedLogNormal {
     /// A distribution with explicit bounds. Fails if a value is not finite, if `a >= b`, if
     /// `|μ|`, `|a|` or `|b|` exceeds [`MAX_ABS_LOCATION`], or `log σ` leaves
     /// [`LOG_SIGMA_RANGE`].
+    #[inline]
     pub fn new(mu: f64, log_sigma: f64, a: f64, b: f64) -> Result<Self> {
-        check_location("mu", mu)?;
-        check_location("a", a)?;
-        check_location("b", b)?;
-        if !log_sigma.is_finite() || log_sigma < LOG_SIGMA_RANGE.0 || log_sigma > LOG_SIGMA_RANGE.1
-        {
-            return Err(Error::InvalidValue {
-                name: "log_sigma".into(),
-                value: log_sigma,
-                reason: format!(
-                    "must be finite and within [{}, {}]",
-                    LOG_SIGMA_RANGE.0, LOG_SIGMA_RANGE.1
-                ),
-            });
-        }
-        if a >= b {
-            return Err(Error::InvalidValue {
-                name: "a".into(),
-                value: a,
-                reason: format!("the lower bound must be below the upper bound b = {b}"),
-            });
+        let located = |v: f64| v.is_finite() && v.abs() <= MAX_ABS_LOCATION;
+        let spread = (LOG_SIGMA_RANGE.0..=LOG_SIGMA_RANGE.1).contains(&log_sigma);
+        if !(located(mu) && located(a) && located(b) && spread && a < b) {
+            return Err(Self::invalid(mu, log_sigma, a, b));
         }
         Ok(Self {
             mu,
@@ -135,6 +120,33 @@ impl TruncatedLogNormal {
             a,
             b,
         })
+    }
+
+    /// The error for the first bad argument of [`new`](Self::new), out of line: the layers
+    /// build a distribution per unit and step, and the check should cost them nothing.
+    #[cold]
+    #[inline(never)]
+    fn invalid(mu: f64, log_sigma: f64, a: f64, b: f64) -> Error {
+        for (name, value) in [("mu", mu), ("a", a), ("b", b)] {
+            if let Err(e) = check_location(name, value) {
+                return e;
+            }
+        }
+        if !(LOG_SIGMA_RANGE.0..=LOG_SIGMA_RANGE.1).contains(&log_sigma) {
+            return Error::InvalidValue {
+                name: "log_sigma".into(),
+                value: log_sigma,
+                reason: format!(
+                    "must be finite and within [{}, {}]",
+                    LOG_SIGMA_RANGE.0, LOG_SIGMA_RANGE.1
+                ),
+            };
+        }
+        Error::InvalidValue {
+            name: "a".into(),
+            value: a,
+            reason: format!("the lower bound must be below the upper bound b = {b}"),
+        }
     }
 
     /// A distribution with the paper's bounds `[-20, 0]`.
@@ -964,12 +976,23 @@ mod tests {
 
     #[test]
     fn rejects_bad_parameters() {
-        assert!(TruncatedLogNormal::new(f64::NAN, 0.0, -20.0, 0.0).is_err());
-        assert!(TruncatedLogNormal::new(0.0, f64::INFINITY, -20.0, 0.0).is_err());
-        assert!(TruncatedLogNormal::new(0.0, 0.0, 0.0, 0.0).is_err());
-        assert!(TruncatedLogNormal::new(0.0, 0.0, 1.0, -1.0).is_err());
-        assert!(TruncatedLogNormal::new(0.0, 60.0, -20.0, 0.0).is_err());
-        assert!(TruncatedLogNormal::new(1e7, 0.0, -20.0, 0.0).is_err());
+        // Each error names the first bad argument: μ, a, b, then log σ, then the order.
+        let cases = [
+            ((f64::NAN, 0.0, -20.0, 0.0), "mu"),
+            ((0.0, f64::INFINITY, -20.0, 0.0), "log_sigma"),
+            ((0.0, 0.0, 0.0, 0.0), "a"),
+            ((0.0, 0.0, 1.0, -1.0), "a"),
+            ((0.0, 60.0, -20.0, 0.0), "log_sigma"),
+            ((1e7, 0.0, -20.0, 0.0), "mu"),
+            ((0.0, 0.0, -20.0, f64::NAN), "b"),
+            ((0.0, f64::NAN, 5.0, 1.0), "log_sigma"),
+        ];
+        for ((mu, ls, a, b), want) in cases {
+            match TruncatedLogNormal::new(mu, ls, a, b) {
+                Err(Error::InvalidValue { name, .. }) => assert_eq!(name, want),
+                other => panic!("({mu}, {ls}, {a}, {b}): {other:?}"),
+            }
+        }
         let d = q(0.0, 0.0);
         for u in [0.0, 1.0, -0.1, f64::NAN] {
             assert!(d.sample_log_theta(u).is_err(), "u = {u}");
