@@ -167,8 +167,8 @@ pub struct LogNormalDropout {
     /// Whether [`kl`](Self::kl) ran since the last draw: only then does the next draw
     /// compute the KL too (dense pretraining, with no KL term, never pays for it).
     kl_in_use: Arc<AtomicBool>,
-    /// A draw shared by the batch, made ahead by [`prepare_shared_draws`] together with
-    /// the other noise layers of a network, for the forward pass under way.
+    /// A draw shared by the batch, made ahead ([`PreparedDraws`]) together with the other
+    /// noise layers of a network, for the forward pass under way.
     prepared: Arc<Mutex<Option<HostDraw>>>,
 }
 
@@ -635,6 +635,7 @@ impl LogNormalDropout {
         Ok(draw)
     }
 
+    /// The slot of a draw made ahead (a poisoned lock still holds a whole draw or none).
     fn lock_prepared(&self) -> std::sync::MutexGuard<'_, Option<HostDraw>> {
         self.prepared.lock().unwrap_or_else(|e| e.into_inner())
     }
