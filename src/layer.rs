@@ -799,7 +799,19 @@ impl UnitParams {
     }
 }
 
+/// A 1-D tensor's values as f64 on the host: read in place from an f32 tensor in host
+/// memory (the layers copy their parameters every step, twice with a KL term), through
+/// candle's conversions otherwise.
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
+    if t.dtype() == DType::F32 && t.rank() == 1 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            let values = cpu.as_slice::<f32>()?;
+            return Ok(values[start..end].iter().map(|&v| v as f64).collect());
+        }
+    }
     Ok(t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1()?)
 }
 
