@@ -856,7 +856,8 @@ impl<'a> PreparedDraws<'a> {
             .iter()
             .map(|l| l.draw_job(1))
             .collect::<Result<Vec<_>>>()?;
-        // Every layer's chunks, as each would split its own draw, in one list.
+        // Every layer's chunks, as each would split its own draw, in one list; the results
+        // come back in that order, each with its layer.
         let items: Vec<(usize, std::ops::Range<usize>)> = jobs
             .iter()
             .enumerate()
@@ -865,13 +866,13 @@ impl<'a> PreparedDraws<'a> {
                 ranges.into_iter().map(move |r| (k, r))
             })
             .collect();
-        let owners: Vec<usize> = items.iter().map(|(k, _)| *k).collect();
-        let results = crate::par::map(items, |_, (k, r)| layers[k].draw_chunk(&jobs[k], r));
-        let mut chunks = results.into_iter().zip(owners).peekable();
+        let mut chunks = crate::par::map(items, |_, (k, r)| (k, layers[k].draw_chunk(&jobs[k], r)))
+            .into_iter()
+            .peekable();
         let prepared = Self(layers);
         for (k, (layer, job)) in prepared.0.iter().zip(jobs).enumerate() {
             let mut own = Vec::new();
-            while let Some((chunk, _)) = chunks.next_if(|(_, owner)| *owner == k) {
+            while let Some((_, chunk)) = chunks.next_if(|(owner, _)| *owner == k) {
                 own.push(chunk);
             }
             let draw = layer.finish_draw(job, own)?;

@@ -2558,8 +2558,8 @@ fn noise_linear_forward<T: WithDType>(
 /// Rows of `A` per block of the noise-linear backward for `inputs` columns: about 2¹⁴
 /// values (64 KiB in f32, beside as much of `w`), rounded up to a multiple of 6 (the
 /// GEMM's register tile along them). LeNet-500-300's first layer: 21 blocks of 24 rows;
-/// its backward took 335-352 µs against 366-376 µs in blocks of 84 rows and 371-398 µs
-/// unblocked (same-run timers).
+/// its backward took 331-352 µs against 358-377 µs in blocks of 84 rows and 371-398 µs
+/// unblocked (scratch timers, runs alternated).
 fn noise_linear_block_rows(inputs: usize) -> usize {
     ((1usize << 14) / inputs.max(1)).div_ceil(6).max(1) * 6
 }

@@ -108,9 +108,7 @@ impl TruncatedLogNormal {
     /// [`LOG_SIGMA_RANGE`].
     #[inline]
     pub fn new(mu: f64, log_sigma: f64, a: f64, b: f64) -> Result<Self> {
-        let located = |v: f64| v.is_finite() && v.abs() <= MAX_ABS_LOCATION;
-        let spread = (LOG_SIGMA_RANGE.0..=LOG_SIGMA_RANGE.1).contains(&log_sigma);
-        if !(located(mu) && located(a) && located(b) && spread && a < b) {
+        if !(located(mu) && located(a) && located(b) && spread_in_range(log_sigma) && a < b) {
             return Err(Self::invalid(mu, log_sigma, a, b));
         }
         Ok(Self {
@@ -132,7 +130,7 @@ impl TruncatedLogNormal {
                 return e;
             }
         }
-        if !(LOG_SIGMA_RANGE.0..=LOG_SIGMA_RANGE.1).contains(&log_sigma) {
+        if !spread_in_range(log_sigma) {
             return Error::InvalidValue {
                 name: "log_sigma".into(),
                 value: log_sigma,
@@ -337,8 +335,18 @@ impl TruncatedLogNormal {
     }
 }
 
+/// Whether `value` is an accepted `μ`, `a` or `b`: finite, at most [`MAX_ABS_LOCATION`].
+fn located(value: f64) -> bool {
+    value.is_finite() && value.abs() <= MAX_ABS_LOCATION
+}
+
+/// Whether `log_sigma` lies in [`LOG_SIGMA_RANGE`] (so is finite).
+fn spread_in_range(log_sigma: f64) -> bool {
+    (LOG_SIGMA_RANGE.0..=LOG_SIGMA_RANGE.1).contains(&log_sigma)
+}
+
 fn check_location(name: &str, value: f64) -> Result<()> {
-    if value.is_finite() && value.abs() <= MAX_ABS_LOCATION {
+    if located(value) {
         Ok(())
     } else {
         Err(Error::InvalidValue {

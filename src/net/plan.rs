@@ -769,7 +769,7 @@ impl Compiled {
                 Step::Sum => {
                     let mut sum = take_first(ps, &mut slots, x)?;
                     for &k in &ps.inputs[1..] {
-                        let v: &[f32] = if k == 0 { x } else { slots[k].as_deref()? };
+                        let v = slot_value(&slots, x, k)?;
                         sum.iter_mut().zip(v).for_each(|(s, &a)| *s += a);
                     }
                     sum
@@ -778,7 +778,7 @@ impl Compiled {
                     let mut y = Vec::with_capacity(rows * lens.iter().sum::<usize>());
                     for r in 0..rows {
                         for (&k, &len) in ps.inputs.iter().zip(lens) {
-                            let v: &[f32] = if k == 0 { x } else { slots[k].as_deref()? };
+                            let v = slot_value(&slots, x, k)?;
                             y.extend_from_slice(&v[r * len..(r + 1) * len]);
                         }
                     }
@@ -789,14 +789,7 @@ impl Compiled {
                     step.apply(&mut v);
                     v
                 }
-                step => {
-                    let v: &[f32] = if first == 0 {
-                        x
-                    } else {
-                        slots[first].as_deref()?
-                    };
-                    step.run(v, rows)?
-                }
+                step => step.run(slot_value(&slots, x, first)?, rows)?,
             };
             for &k in &ps.frees {
                 slots[k] = None;
@@ -807,6 +800,15 @@ impl Compiled {
             return Some(x.to_vec());
         }
         slots[self.output].take()
+    }
+}
+
+/// The value in slot `k`: the input `x` for slot 0.
+fn slot_value<'a>(slots: &'a [Option<Vec<f32>>], x: &'a [f32], k: usize) -> Option<&'a [f32]> {
+    if k == 0 {
+        Some(x)
+    } else {
+        slots[k].as_deref()
     }
 }
 
