@@ -461,15 +461,16 @@ impl LogNormalDropout {
         Ok(if relu { y.relu()? } else { y })
     }
 
-    /// In training, `linear(x ⊙ θ)` in one fused op, where `x` needs no gradient (the
-    /// network's input), the draw is shared by the batch and the kernel applies; `None`
-    /// otherwise (nothing drawn then), and the caller applies the layers one by one.
+    /// In training, `linear(x ⊙ θ)` (with a ReLU after it where `relu`) in one fused op,
+    /// where `x` needs no gradient (the network's input), the draw is shared by the batch
+    /// and the kernel applies; `None` otherwise (nothing drawn then), and the caller
+    /// applies the layers one by one.
     pub(crate) fn forward_into_linear(
         &self,
         xs: &Tensor,
         train: bool,
-        w: &Tensor,
-        b: Option<&Tensor>,
+        (w, b): (&Tensor, Option<&Tensor>),
+        relu: bool,
     ) -> Result<Option<Tensor>> {
         let fusable = train
             && self.config.axis == 1
@@ -481,7 +482,13 @@ impl LogNormalDropout {
         self.check_input(xs)?;
         let draw = self.draw(xs)?.noise();
         let params = (&self.mu, &self.log_sigma);
-        Ok(Some(crate::ops::noise_linear(xs, params, draw, w, b)?))
+        Ok(Some(crate::ops::noise_linear(
+            xs,
+            params,
+            draw,
+            (w, b),
+            relu,
+        )?))
     }
 
     /// The evaluation-time multiplier per unit: `E[θ]` where kept, 0 where removed.

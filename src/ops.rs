@@ -2513,8 +2513,9 @@ pub(crate) fn surrogate_scalar(
 /// a `θ` shared by the batch, as a custom op over `(w, θ, b)` (`θ` from [`noise_theta`],
 /// which passes its gradient on to `μ` and `log σ`). With `A = gradᵀ·x` (one GEMM),
 /// `dw = A·diag(θ)` and `dθ_u = Σ_o w_ou·A_ou`: the GEMM that an unfused layer spends on
-/// the gradient of its input, which only served `dθ`, is saved. The bias is added in the
-/// same op, not by a node of its own (with its own pass, buffers and gradient sum).
+/// the gradient of its input, which only served `dθ`, is saved. The bias, and a ReLU
+/// where the geometry asks for one, are applied in the same op, not by nodes of their own
+/// (each with its own pass, buffers and gradient sum).
 #[derive(Debug, Clone)]
 struct NoiseLinearOp {
     x: Tensor,
@@ -2648,11 +2649,18 @@ impl CustomOp3 for NoiseLinearOp {
         w: &Tensor,
         theta: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = NoiseLinearBackwardOp(self.clone());
-        let all = w.apply_op3_no_bwd(theta, &grad.contiguous()?, &op)?;
+        let grad = grad.contiguous()?;
+        // Through the fused ReLU first: the gradient where the output is positive.
+        let grad = if self.g.relu {
+            grad.apply_op2_no_bwd(res, &ReluMaskOp(()))?
+        } else {
+            grad
+        };
+        let all = w.apply_op3_no_bwd(theta, &grad, &op)?;
         let (o, i) = (self.g.outputs, self.g.inputs);
         let dw = all.narrow(0, 0, o * i)?.reshape(w.shape())?;
         let d_theta = all.narrow(0, o * i, i)?;
@@ -2707,14 +2715,14 @@ pub(crate) fn noise_linear_applies(
         && surrogate_applies(mu, log_sigma)
 }
 
-/// `(x ⊙ θ)·wᵀ + b` for a noise layer's draw shared by the batch, where
-/// [`noise_linear_applies`].
+/// `(x ⊙ θ)·wᵀ + b`, followed by a ReLU where `relu`, for a noise layer's draw shared by
+/// the batch, where [`noise_linear_applies`].
 pub(crate) fn noise_linear(
     x: &Tensor,
     (mu, log_sigma): (&Tensor, &Tensor),
     draw: NoiseDraw,
-    w: &Tensor,
-    b: Option<&Tensor>,
+    (w, b): (&Tensor, Option<&Tensor>),
+    relu: bool,
 ) -> Result<Tensor> {
     if !noise_linear_applies(x, mu, log_sigma, w) || draw.rows != 1 {
         candle::bail!(
@@ -2728,7 +2736,7 @@ pub(crate) fn noise_linear(
         inputs: x.dim(1)?,
         outputs: w.dim(0)?,
         bias: true,
-        relu: false,
+        relu,
     };
     let theta = noise_theta(mu, log_sigma, draw)?.to_dtype(w.dtype())?;
     // Without a bias, zeros: a constant, so candle keeps no gradient for it (the op's

@@ -428,9 +428,10 @@ fn grouped_convolutions_fall_back_to_candle() {
 }
 
 /// Input noise on a linear layer without a bias (100 outputs: the backward of the fused
-/// noise-linear op runs in five blocks of rows, the last one partial), a linear layer and
-/// its ReLU, then a noise layer and a linear layer small enough (48 weights for 6 × 12
-/// activations) that the noise folds into its input columns.
+/// noise-linear op runs in five blocks of rows, the last one partial) with the ReLU after
+/// it taken into that op, a linear layer and its ReLU, then a noise layer and a linear
+/// layer small enough (48 weights for 6 × 12 activations) that the noise folds into its
+/// input columns.
 fn small_noisy_mlp(
     config: Option<candle_sbp::LogNormalDropoutConfig>,
     vb: candle_nn::VarBuilder,
@@ -452,7 +453,7 @@ fn small_noisy_mlp(
 }
 
 /// Fused ops: in training a noise layer on the input of a linear layer (no gradient for
-/// the input, `dθ` from the weight gradient, the bias added in the same op), a noise
+/// the input, `dθ` from the weight gradient, the bias and a ReLU in the same op), a noise
 /// layer folded into the input columns of a small linear layer after it, and noise layers
 /// next to a ReLU (one pass); in training and evaluation a convolution or linear layer and
 /// the ReLU after it. Tapping every node keeps all layers apart. Same draws, same loss,

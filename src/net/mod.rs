@@ -727,8 +727,18 @@ impl Net {
         }
         if let (NodeImpl::Noise(layer), Some(j)) = (&self.nodes[k], next) {
             if let NodeImpl::Linear(l) = &self.nodes[j] {
-                if let Some(y) = layer.forward_into_linear(x, train, l.weight(), l.bias())? {
-                    return Ok((y, 2));
+                // A ReLU after the layer goes into the same op, unless a noise layer after
+                // it takes it into its own pass anyway.
+                let relu = chain.get(2).is_some_and(|&r| {
+                    self.relu(r)
+                        && !matches!(
+                            self.sole_consumer[r].map(|n| &self.nodes[n]),
+                            Some(NodeImpl::Noise(_))
+                        )
+                });
+                let params = (l.weight(), l.bias());
+                if let Some(y) = layer.forward_into_linear(x, train, params, relu)? {
+                    return Ok((y, 2 + usize::from(relu)));
                 }
                 if self.folds_into_next(k, j, train, batch) {
                     // (x ⊙ θ)·wᵀ = x·(w·diag θ)ᵀ: the weights' columns scaled, with a ReLU
