@@ -461,16 +461,18 @@ impl LogNormalDropout {
         Ok(if relu { y.relu()? } else { y })
     }
 
-    /// In training, `linear(x ⊙ θ)` (with a ReLU after it where `relu`) in one fused op,
-    /// where `x` needs no gradient (the network's input), the draw is shared by the batch
-    /// and the kernel applies; `None` otherwise (nothing drawn then), and the caller
-    /// applies the layers one by one.
+    /// In training, `linear(x ⊙ θ)` (with a ReLU after it where `relu`, and the noise
+    /// layer `out` on its outputs where given) in one fused op, where `x` needs no
+    /// gradient (the network's input), the draw is shared by the batch and the kernel
+    /// applies; `None` otherwise (nothing drawn then), and the caller applies the layers
+    /// one by one. `out` must be [`foldable`](Self::foldable) in training.
     pub(crate) fn forward_into_linear(
         &self,
         xs: &Tensor,
         train: bool,
         (w, b): (&Tensor, Option<&Tensor>),
         relu: bool,
+        out: Option<&LogNormalDropout>,
     ) -> Result<Option<Tensor>> {
         let fusable = train
             && self.config.axis == 1
@@ -481,14 +483,10 @@ impl LogNormalDropout {
         }
         self.check_input(xs)?;
         let draw = self.draw(xs)?.noise();
+        let theta_out = out.map(|l| l.shared_theta()).transpose()?;
         let params = (&self.mu, &self.log_sigma);
-        Ok(Some(crate::ops::noise_linear(
-            xs,
-            params,
-            draw,
-            (w, b),
-            relu,
-        )?))
+        let y = crate::ops::noise_linear(xs, params, draw, (w, b), relu, theta_out.as_ref())?;
+        Ok(Some(y))
     }
 
     /// The evaluation-time multiplier per unit: `E[θ]` where kept, 0 where removed.

@@ -2516,19 +2516,29 @@ pub(crate) fn surrogate_scalar(
 /// the gradient of its input, which only served `dθ`, is saved. The bias, and a ReLU
 /// where the geometry asks for one, are applied in the same op, not by nodes of their own
 /// (each with its own pass, buffers and gradient sum).
+///
+/// With `scaled_out`, the `θ` operand is the input draw followed by the draw of a noise
+/// layer on the outputs, `y = relu((x ⊙ θ_in)·wᵀ + b) ⊙ θ_out`, multiplied in the same
+/// pass as the bias: the outputs' noise then costs no node on the activations. Backward,
+/// one pass over the output and its gradient gives both the gradient before the noise and
+/// `dθ_out = Σ_rows grad·y / θ_out`.
 #[derive(Debug, Clone)]
 struct NoiseLinearOp {
     x: Tensor,
     g: LinearGeometry,
+    scaled_out: bool,
 }
 
-/// A kernel of the noise-linear op: its geometry, its input `x` and three operands.
-type NoiseLinearKernel<T> = fn(&LinearGeometry, &[T], (&[T], &[T], &[T])) -> Result<Vec<T>>;
+/// A kernel of the noise-linear op: the op, its input `x`, the op's output where the
+/// backward kernel needs it, and three operands.
+type NoiseLinearKernel<T> =
+    fn(&NoiseLinearOp, &[T], Option<&[T]>, (&[T], &[T], &[T])) -> Result<Vec<T>>;
 
-/// `kernel` on the host values of `op`'s input and of three operands (the `cpu_fwd` of
-/// the op and of its backward op).
+/// `kernel` on the host values of `op`'s input, of its output `res` where given, and of
+/// three operands (the `cpu_fwd` of the op and of its backward op).
 fn noise_linear_run<T: WithDType>(
     op: &NoiseLinearOp,
+    res: Option<&Tensor>,
     kernel: NoiseLinearKernel<T>,
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
@@ -2539,21 +2549,69 @@ fn noise_linear_run<T: WithDType>(
     let candle::Storage::Cpu(xs) = &*xs else {
         candle::bail!("noise-linear: the input left the CPU");
     };
-    kernel(&op.g, data(xs, xl)?, operands)
+    let res = res.map(|r| r.storage_and_layout());
+    let res = match &res {
+        Some((s, l)) => match &**s {
+            candle::Storage::Cpu(s) => Some(data(s, l)?),
+            _ => candle::bail!("noise-linear: the output left the CPU"),
+        },
+        None => None,
+    };
+    kernel(op, data(xs, xl)?, res, operands)
 }
 
 fn noise_linear_forward<T: WithDType>(
-    g: &LinearGeometry,
+    op: &NoiseLinearOp,
     x: &[T],
-    (w, theta, b): (&[T], &[T], &[T]),
+    _res: Option<&[T]>,
+    (w, thetas, b): (&[T], &[T], &[T]),
 ) -> Result<Vec<T>> {
+    let g = &op.g;
+    let (theta, theta_out) = thetas.split_at(g.inputs);
     let mut scaled = x.to_vec();
     crate::simd::wide! {
         for row in scaled.chunks_mut(g.inputs) {
             row.iter_mut().zip(theta).for_each(|(v, &t)| *v *= t);
         }
     };
-    linear_forward(g, &scaled, w, Some(b))
+    if !op.scaled_out {
+        return linear_forward(g, &scaled, w, Some(b));
+    }
+    let mut y = linear_forward(&LinearGeometry { relu: false, ..*g }, &scaled, w, Some(b))?;
+    for_each_row(&mut y, g.outputs, |_, row| {
+        crate::simd::wide! {
+            let relu = g.relu; // read once (see accumulate_ds)
+            let lanes = row.iter_mut().zip(theta_out);
+            lanes.for_each(|(v, &t)| *v = relu_if(relu, *v * t));
+        }
+    });
+    Ok(y)
+}
+
+/// Backward through the output noise (and the ReLU, where there is one) of a
+/// `scaled_out` noise-linear op with output `y`: the gradient before the noise,
+/// `grad·θ_out` where `y` is live, and `dθ_out = Σ_rows grad·y / θ_out` (`y/θ_out` is the
+/// value the noise multiplied; where the ReLU cut it, `y` is 0).
+fn out_noise_backward<T: WithDType>(
+    g: &LinearGeometry,
+    theta_out: &[T],
+    y: &[T],
+    grad: &[T],
+) -> (Vec<T>, Vec<T>) {
+    let mut before = grad.to_vec();
+    let mut d_theta = vec![T::zero(); g.outputs];
+    crate::simd::wide! {
+        let relu = g.relu; // read once (see accumulate_ds)
+        for (row, y_row) in before.chunks_mut(g.outputs).zip(y.chunks(g.outputs)) {
+            let lanes = row.iter_mut().zip(y_row).zip(d_theta.iter_mut());
+            for (((v, &y), d), &t) in lanes.zip(theta_out) {
+                *d += *v * y;
+                *v = if live(relu, y) { *v * t } else { T::zero() };
+            }
+        }
+    };
+    d_theta.iter_mut().zip(theta_out).for_each(|(d, &t)| *d = *d / t);
+    (before, d_theta)
 }
 
 /// Rows of `A` per block of the noise-linear backward for `inputs` columns: about 2¹⁴
@@ -2565,14 +2623,23 @@ fn noise_linear_block_rows(inputs: usize) -> usize {
     ((1usize << 14) / inputs.max(1)).div_ceil(6).max(1) * 6
 }
 
-/// `[dw (o·i), dθ (i), db (o)]` in one buffer.
+/// `[dw (o·i), dθ (i), dθ_out (o, when scaled_out), db (o)]` in one buffer.
 fn noise_linear_backward<T: WithDType>(
-    g: &LinearGeometry,
+    op: &NoiseLinearOp,
     x: &[T],
-    (w, theta, grad): (&[T], &[T], &[T]),
+    y: Option<&[T]>,
+    (w, thetas, grad): (&[T], &[T], &[T]),
 ) -> Result<Vec<T>> {
+    let g = &op.g;
     let (n, i, o) = (g.batch, g.inputs, g.outputs);
-    let mut out = Vec::with_capacity(o * i + i + o);
+    let (theta, theta_out) = thetas.split_at(i);
+    let (before, d_theta_out) = match (op.scaled_out, y) {
+        (true, Some(y)) => out_noise_backward(g, theta_out, y, grad),
+        (true, None) => candle::bail!("noise-linear: the output noise needs the output"),
+        (false, _) => (Vec::new(), Vec::new()),
+    };
+    let grad = if op.scaled_out { &before[..] } else { grad };
+    let mut out = Vec::with_capacity(o * i + thetas.len() + o);
     // A (o×i) = gradᵀ (o×n) · x (n×i) by fixed blocks of rows in parallel, each followed
     // at once, while it is still in the core's cache, by dθ_j = Σ_rows w·a and dw = a·θ.
     // The blocks' partial sums are added in block order: dθ does not depend on the thread
@@ -2612,13 +2679,14 @@ fn noise_linear_backward<T: WithDType>(
     // SAFETY: every block's product succeeded, so all `o·i` values are written; dθ's and
     // db's zeros follow.
     unsafe { out.set_len(o * i) };
-    out.resize(o * i + i + o, T::zero());
-    let (_, rest) = out.split_at_mut(o * i);
-    let (d_theta, db) = rest.split_at_mut(i);
-    sum_rows_into(db, grad);
+    out.resize(o * i + i, T::zero());
     for part in partials {
-        d_theta.iter_mut().zip(part).for_each(|(d, p)| *d += p);
+        out[o * i..].iter_mut().zip(part).for_each(|(d, p)| *d += p);
     }
+    out.extend_from_slice(&d_theta_out);
+    let mut db = vec![T::zero(); o];
+    sum_rows_into(&mut db, grad);
+    out.extend_from_slice(&db);
     Ok(out)
 }
 
@@ -2639,7 +2707,7 @@ impl CustomOp3 for NoiseLinearOp {
         let args = ((s1, l1), (s2, l2), (s3, l3));
         let (out, _) = cpu_dispatch!(
             s1,
-            noise_linear_run(self, noise_linear_forward, args.0, args.1, args.2)
+            noise_linear_run(self, None, noise_linear_forward, args.0, args.1, args.2)
         );
         Ok((out, Shape::from((self.g.batch, self.g.outputs))))
     }
@@ -2652,27 +2720,36 @@ impl CustomOp3 for NoiseLinearOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = NoiseLinearBackwardOp(self.clone());
+        let op = NoiseLinearBackwardOp {
+            op: self.clone(),
+            res: self.scaled_out.then(|| res.clone()),
+        };
         let grad = grad.contiguous()?;
-        // Through the fused ReLU first: the gradient where the output is positive.
-        let grad = if self.g.relu {
+        // Through the fused ReLU first (with output noise, inside the kernel): the gradient
+        // where the output is positive.
+        let grad = if self.g.relu && !self.scaled_out {
             grad.apply_op2_no_bwd(res, &ReluMaskOp(()))?
         } else {
             grad
         };
         let all = w.apply_op3_no_bwd(theta, &grad, &op)?;
-        let (o, i) = (self.g.outputs, self.g.inputs);
+        let (o, i, thetas) = (self.g.outputs, self.g.inputs, theta.elem_count());
         let dw = all.narrow(0, 0, o * i)?.reshape(w.shape())?;
-        let d_theta = all.narrow(0, o * i, i)?;
+        let d_theta = all.narrow(0, o * i, thetas)?;
         let db = needs_grad(b)
-            .then(|| all.narrow(0, o * i + i, o))
+            .then(|| all.narrow(0, o * i + thetas, o))
             .transpose()?;
         Ok((Some(dw), Some(d_theta), db))
     }
 }
 
+/// The noise-linear op's backward kernel over `(w, θ, grad)`, with the op's output where
+/// it has output noise.
 #[derive(Debug, Clone)]
-struct NoiseLinearBackwardOp(NoiseLinearOp);
+struct NoiseLinearBackwardOp {
+    op: NoiseLinearOp,
+    res: Option<Tensor>,
+}
 
 impl CustomOp3 for NoiseLinearBackwardOp {
     fn name(&self) -> &'static str {
@@ -2691,7 +2768,14 @@ impl CustomOp3 for NoiseLinearBackwardOp {
         let args = ((s1, l1), (s2, l2), (s3, l3));
         let (out, len) = cpu_dispatch!(
             s1,
-            noise_linear_run(&self.0, noise_linear_backward, args.0, args.1, args.2)
+            noise_linear_run(
+                &self.op,
+                self.res.as_ref(),
+                noise_linear_backward,
+                args.0,
+                args.1,
+                args.2
+            )
         );
         Ok((out, Shape::from(len)))
     }
@@ -2715,14 +2799,16 @@ pub(crate) fn noise_linear_applies(
         && surrogate_applies(mu, log_sigma)
 }
 
-/// `(x ⊙ θ)·wᵀ + b`, followed by a ReLU where `relu`, for a noise layer's draw shared by
-/// the batch, where [`noise_linear_applies`].
+/// `(x ⊙ θ)·wᵀ + b`, followed by a ReLU where `relu` and multiplied by `theta_out` (the
+/// draw `(outputs,)` of a noise layer on the outputs, shared by the batch) where given,
+/// for a noise layer's draw shared by the batch, where [`noise_linear_applies`].
 pub(crate) fn noise_linear(
     x: &Tensor,
     (mu, log_sigma): (&Tensor, &Tensor),
     draw: NoiseDraw,
     (w, b): (&Tensor, Option<&Tensor>),
     relu: bool,
+    theta_out: Option<&Tensor>,
 ) -> Result<Tensor> {
     if !noise_linear_applies(x, mu, log_sigma, w) || draw.rows != 1 {
         candle::bail!(
@@ -2739,6 +2825,15 @@ pub(crate) fn noise_linear(
         relu,
     };
     let theta = noise_theta(mu, log_sigma, draw)?.to_dtype(w.dtype())?;
+    let theta = match theta_out {
+        Some(t) if t.dims() == [g.outputs] => Tensor::cat(&[&theta, &t.to_dtype(w.dtype())?], 0)?,
+        Some(t) => candle::bail!(
+            "noise-linear: output noise of shape {:?} for {} outputs",
+            t.dims(),
+            g.outputs
+        ),
+        None => theta,
+    };
     // Without a bias, zeros: a constant, so candle keeps no gradient for it (the op's
     // column sums for it are dropped).
     let b = match b {
@@ -2748,6 +2843,7 @@ pub(crate) fn noise_linear(
     let op = NoiseLinearOp {
         x: x.contiguous()?,
         g,
+        scaled_out: theta_out.is_some(),
     };
     w.contiguous()?.apply_op3(&theta, &b, op)
 }

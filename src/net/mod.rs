@@ -727,18 +727,28 @@ impl Net {
         }
         if let (NodeImpl::Noise(layer), Some(j)) = (&self.nodes[k], next) {
             if let NodeImpl::Linear(l) = &self.nodes[j] {
-                // A ReLU after the layer goes into the same op, unless a noise layer after
-                // it takes it into its own pass anyway.
-                let relu = chain.get(2).is_some_and(|&r| {
-                    self.relu(r)
-                        && !matches!(
-                            self.sole_consumer[r].map(|n| &self.nodes[n]),
-                            Some(NodeImpl::Noise(_))
-                        )
-                });
+                // A ReLU and a noise layer on the outputs, in either order (θ·relu(z) =
+                // relu(θ·z) as θ > 0), go into the same op.
+                let (mut out, mut relu, mut used) = (None, false, 2);
+                for &n in &chain[2..] {
+                    match &self.nodes[n] {
+                        NodeImpl::Noise(o) if out.is_none() && o.foldable(train) => out = Some(o),
+                        _ if !relu && self.relu(n) => relu = true,
+                        _ => break,
+                    }
+                    used += 1;
+                }
+                // A ReLU whose noise layer is left out of the chain (tapped) stays with
+                // that layer's own pass.
+                if relu && out.is_none() {
+                    let r = chain[used - 1];
+                    if let Some(NodeImpl::Noise(_)) = self.sole_consumer[r].map(|n| &self.nodes[n]) {
+                        (relu, used) = (false, used - 1);
+                    }
+                }
                 let params = (l.weight(), l.bias());
-                if let Some(y) = layer.forward_into_linear(x, train, params, relu)? {
-                    return Ok((y, 2 + usize::from(relu)));
+                if let Some(y) = layer.forward_into_linear(x, train, params, relu, out)? {
+                    return Ok((y, used));
                 }
                 if self.folds_into_next(k, j, train, batch) {
                     // (x ⊙ θ)·wᵀ = x·(w·diag θ)ᵀ: the weights' columns scaled, with a ReLU
