@@ -73,6 +73,10 @@ struct Args {
     /// Time only the `--compressed` networks (no training steps).
     #[arg(long, requires = "compressed")]
     only_compressed: bool,
+    /// Run everything on candle's own ops, without this crate's CPU kernels (the code
+    /// path of a GPU build; `candle_sbp::ops::set_cpu_kernels(false)`).
+    #[arg(long)]
+    candle_ops: bool,
 }
 
 type Build = fn(Option<LogNormalDropoutConfig>, VarBuilder) -> candle_sbp::Result<Net>;
@@ -348,7 +352,18 @@ fn main() -> Result<()> {
         .filter(|(name, _)| args.net.as_deref().is_none_or(|n| n == *name))
         .filter(|_| !args.only_compressed)
         .collect();
-    println!("threads: {}", candle::utils::get_num_threads());
+    if args.candle_ops {
+        candle_sbp::ops::set_cpu_kernels(false);
+    }
+    println!(
+        "threads: {}{}",
+        candle::utils::get_num_threads(),
+        if args.candle_ops {
+            ", candle's own ops (--candle-ops)"
+        } else {
+            ""
+        }
+    );
     let (mut ours, mut torch) = (Vec::new(), Vec::new());
     // With --only-compressed there are no training rounds (nor PyTorch runs) at all.
     let training_rounds = if nets.is_empty() { 0 } else { args.rounds };
@@ -370,7 +385,8 @@ fn main() -> Result<()> {
     }
     let mut result = serde_json::json!({
         "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
-        "threads": candle::utils::get_num_threads(), "candle_sbp": ours,
+        "threads": candle::utils::get_num_threads(), "candle_ops": args.candle_ops,
+        "candle_sbp": ours,
     });
     if !nets.is_empty() {
         println!("\nbest of {} rounds:", args.rounds);

@@ -12,7 +12,9 @@
 //! Each function falls back to candle's own ops wherever its kernel does not apply (other
 //! devices, such as CUDA or Metal, other dtypes, grouped convolutions), so a GPU build
 //! runs the same [`Net`](crate::Net) unchanged. Gradients are checked against candle's
-//! own ops in `tests/ops.rs`.
+//! own ops in `tests/ops.rs`. [`set_cpu_kernels`]`(false)` sends the CPU through those
+//! fallbacks too: the code a GPU build runs, on a machine without one (training on both
+//! paths is compared in `tests/candle_fallback.rs`), or to time what the kernels save.
 //!
 //! ```
 //! use candle::{Device, Tensor};
@@ -34,10 +36,46 @@ use candle::{
 };
 use std::mem::MaybeUninit;
 
-/// Whether the CPU kernels apply to these tensors: all on the CPU, all f32 or all f64.
+/// Whether this crate's CPU kernels are in use ([`set_cpu_kernels`]).
+static CPU_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns this crate's CPU kernels on or off for the whole process (on by default), and
+/// returns the previous setting. Off, the functions of this module, [`Net`](crate::Net)'s
+/// forward passes and [`Adam`](crate::train::Adam) take the paths they take on a GPU,
+/// candle's own ops, on the CPU as well (and [`Net::inference_plan`](crate::Net::inference_plan)
+/// compiles nothing): to check a result against candle, to time what the kernels save,
+/// or to run the code of a GPU build on a machine without a GPU. The noise is drawn on
+/// the host either way, so both paths draw the same values.
+///
+/// ```
+/// use candle::{Device, Tensor};
+/// use candle_sbp::ops;
+///
+/// let x = Tensor::randn(0f32, 1., (2, 3), &Device::Cpu)?;
+/// let w = Tensor::randn(0f32, 1., (4, 3), &Device::Cpu)?;
+/// let fused = ops::linear_relu(&x, &w, None)?;
+/// let was = ops::set_cpu_kernels(false);
+/// let plain = ops::linear_relu(&x, &w, None)?; // candle's matmul, then its relu
+/// ops::set_cpu_kernels(was);
+/// let diff = (fused - plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-6);
+/// # Ok::<(), candle::Error>(())
+/// ```
+pub fn set_cpu_kernels(enabled: bool) -> bool {
+    CPU_KERNELS.swap(enabled, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether this crate's CPU kernels are in use (see [`set_cpu_kernels`]).
+pub fn cpu_kernels() -> bool {
+    CPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether the CPU kernels apply to these tensors: kernels on, all on the CPU, all f32 or
+/// all f64.
 fn fast_path(ts: &[&Tensor]) -> bool {
     let dtype = ts[0].dtype();
-    matches!(dtype, DType::F32 | DType::F64)
+    cpu_kernels()
+        && matches!(dtype, DType::F32 | DType::F64)
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
 }
 
@@ -889,6 +927,19 @@ pub(crate) fn conv2d_impl(
     }
 }
 
+/// [`max_pool2d`] with `stride = kernel` in candle's ops: the windows as axes of a reshape
+/// of the input cropped to whole windows, and a max over each.
+fn max_pool2d_by_reduction(x: &Tensor, kernel: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / kernel, w / kernel);
+    x.narrow(2, 0, oh * kernel)?
+        .narrow(3, 0, ow * kernel)?
+        .contiguous()?
+        .reshape((n, c, oh, kernel, ow, kernel))?
+        .max(5)?
+        .max(3)
+}
+
 /// `max_pool2d(conv2d(…), kernel, pool_stride)` (with a ReLU between where `relu`): in one
 /// op where the direct kernel applies (f32 on an x86-64 CPU with AVX2 and FMA, stride 1,
 /// 2×2 pooling with stride 2, few channels), which never writes the convolution's output;
@@ -1539,14 +1590,18 @@ impl CustomOp2 for MaxPoolBackwardOp {
 /// Max-pooling of `x` `(N, C, H, W)` over `kernel × kernel` windows every `stride`
 /// (no padding), as candle's `max_pool2d_with_stride` computes it. On the CPU it has its
 /// own backward pass, which routes each window's gradient to its first maximum.
+/// Elsewhere, where `x` needs a gradient and the windows do not overlap, it is two max
+/// reductions over a reshape, whose gradient reaches each window's maximum whole: candle
+/// 0.11's own max-pool gradient is scaled by `1/kernel²` (it multiplies by the share of
+/// the window's values that are its maximum, where it means to divide), which would
+/// shrink every gradient behind a pooling on a GPU.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    let usable = x.rank() == 4
-        && kernel > 0
-        && stride > 0
-        && x.dim(2)? >= kernel
-        && x.dim(3)? >= kernel
-        && fast_path(&[x]);
-    if !usable {
+    let fits =
+        x.rank() == 4 && kernel > 0 && stride > 0 && x.dim(2)? >= kernel && x.dim(3)? >= kernel;
+    if !fits || !fast_path(&[x]) {
+        if fits && kernel == stride && needs_grad(x) {
+            return max_pool2d_by_reduction(x, kernel);
+        }
         return x.max_pool2d_with_stride((kernel, kernel), (stride, stride));
     }
     let (n, c, h, w) = x.dims4()?;
@@ -2610,7 +2665,10 @@ fn out_noise_backward<T: WithDType>(
             }
         }
     };
-    d_theta.iter_mut().zip(theta_out).for_each(|(d, &t)| *d = *d / t);
+    d_theta
+        .iter_mut()
+        .zip(theta_out)
+        .for_each(|(d, &t)| *d /= t);
     (before, d_theta)
 }
 

@@ -504,6 +504,7 @@ impl Net {
         // Other dtypes than f32 and f64 go to candle's ops.
         let splits = small
             && !train
+            && crate::ops::cpu_kernels()
             && matches!(self.dtype, DType::F32 | DType::F64)
             && xs.device().is_cpu()
             && xs.dims() == self.shapes[0].dims(batch).as_slice()
@@ -742,7 +743,8 @@ impl Net {
                 // that layer's own pass.
                 if relu && out.is_none() {
                     let r = chain[used - 1];
-                    if let Some(NodeImpl::Noise(_)) = self.sole_consumer[r].map(|n| &self.nodes[n]) {
+                    if let Some(NodeImpl::Noise(_)) = self.sole_consumer[r].map(|n| &self.nodes[n])
+                    {
                         (relu, used) = (false, used - 1);
                     }
                 }

@@ -315,6 +315,11 @@ impl Net {
         if !crate::conv_direct::available() {
             return Ok(Err("the CPU kernels need x86-64 with AVX2 and FMA".into()));
         }
+        if !crate::ops::cpu_kernels() {
+            return Ok(Err(
+                "the CPU kernels are turned off (ops::set_cpu_kernels)".into()
+            ));
+        }
         if !self.device.is_cpu() || self.dtype != DType::F32 {
             return Ok(Err(format!(
                 "the network is {:?} on {:?}; the plan compiles f32 on the CPU",
