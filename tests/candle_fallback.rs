@@ -1,6 +1,6 @@
 //! Training on candle's own ops, the path of a GPU build (`ops::set_cpu_kernels(false)`),
 //! against training on this crate's CPU kernels: the same networks with SBP layers, the same
-//! draws and batches. In f64, three Adam steps: same losses, same parameters after them,
+//! draws and batches (shared by the batch, and one per example). In f64, three Adam steps: same losses, same parameters after them,
 //! same evaluation outputs. In f32, the first step's loss and gradients (after a step,
 //! Adam's update of a parameter whose gradient is round-off flips with its sign). The
 //! switch is process-wide, so these tests have a binary of their own and take turns on it.
@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_sbp::train::{elbo, Adam, AdamConfig};
-use candle_sbp::{models, ops, LogNormalDropoutConfig, Net};
+use candle_sbp::{models, ops, LogNormalDropoutConfig, Net, NoiseMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -193,6 +193,19 @@ fn lenet5_trains_alike_on_candles_ops() {
 #[test]
 fn lenet_300_100_trains_alike_on_candles_ops() {
     compare("lenet-300-100", models::lenet_300_100, (1, 28, 28));
+}
+
+/// LeNet-300-100 with a draw per example: no fused noise-linear op, no folding.
+#[test]
+fn noise_per_example_trains_alike_on_candles_ops() {
+    let per_example: Build = |sbp, vb| {
+        let per_example = |c| LogNormalDropoutConfig {
+            noise: NoiseMode::PerExample,
+            ..c
+        };
+        models::lenet_300_100(sbp.map(per_example), vb)
+    };
+    compare("lenet-300-100, per example", per_example, (1, 28, 28));
 }
 
 /// A narrow VGG-like network: padded convolutions, batch norm, five poolings.
