@@ -1,9 +1,10 @@
 //! Training on candle's own ops, the path of a GPU build (`ops::set_cpu_kernels(false)`),
 //! against training on this crate's CPU kernels: the same networks with SBP layers, the same
-//! draws and batches (shared by the batch, and one per example). In f64, three Adam steps: same losses, same parameters after them,
-//! same evaluation outputs. In f32, the first step's loss and gradients (after a step,
-//! Adam's update of a parameter whose gradient is round-off flips with its sign). The
-//! switch is process-wide, so these tests have a binary of their own and take turns on it.
+//! draws (shared by the batch, and one per example) and batches. In f64, three Adam steps:
+//! same losses, same parameters after them, same evaluation outputs. In f32, the first
+//! step's loss and gradients (after a step, Adam's update of a parameter whose gradient is
+//! round-off flips with its sign). The switch is process-wide, so these tests have a
+//! binary of their own and take turns on it.
 
 use std::sync::Mutex;
 
