@@ -465,7 +465,8 @@ impl LogNormalDropout {
     /// layer `out` on its outputs where given) in one fused op, where `x` needs no
     /// gradient (the network's input), the draw is shared by the batch and the kernel
     /// applies; `None` otherwise (nothing drawn then), and the caller applies the layers
-    /// one by one. `out` must be [`foldable`](Self::foldable) in training.
+    /// one by one. `out` must be [`foldable`](Self::foldable) in training and
+    /// [`divides_back`](Self::divides_back).
     pub(crate) fn forward_into_linear(
         &self,
         xs: &Tensor,
@@ -509,6 +510,13 @@ impl LogNormalDropout {
     /// evaluation or for a draw shared by the batch.
     pub(crate) fn foldable(&self, train: bool) -> bool {
         self.config.axis == 1 && (!train || self.config.noise == NoiseMode::SharedPerBatch)
+    }
+
+    /// Whether an op that multiplies its outputs by this layer's draw may divide the
+    /// products by `θ` again in its backward pass: `θ >= e^a` stays far above the
+    /// smallest normal number in f32 (with the paper's `a = -20`, `θ >= 2e-9`).
+    pub(crate) fn divides_back(&self) -> bool {
+        self.config.a >= DIVIDES_BACK_MIN_A
     }
 
     /// The per-unit multiplier `(units,)` that a [`foldable`](Self::foldable) layer applies:
@@ -950,6 +958,10 @@ impl HostDraw {
 /// are split into two chunks a thread: a 300-unit layer's draw took 79 µs in chunks of
 /// 256 and 44 units, 60 µs in four of 75, on two threads.
 const PAR_UNITS: usize = 64;
+
+/// The lowest `a` of [`LogNormalDropout::divides_back`]: `e^-40 = 4e-18`, so that a product
+/// `v·θ` is a normal f32 for any `|v| > 3e-21`.
+const DIVIDES_BACK_MIN_A: f64 = -40.0;
 
 /// A uniform draw in the open interval (0, 1): `(k + 1/2) / 2⁵³`.
 pub(crate) fn open_unit(rng: &mut StdRng) -> f64 {

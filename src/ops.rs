@@ -2734,8 +2734,8 @@ fn noise_linear_backward<T: WithDType>(
         Ok::<_, candle::Error>(d)
     });
     let partials = partials.into_iter().collect::<Result<Vec<_>>>()?;
-    // SAFETY: every block's product succeeded, so all `o·i` values are written; dθ's and
-    // db's zeros follow.
+    // SAFETY: every block's product succeeded, so all `o·i` values are written; dθ (from
+    // zeros), dθ_out and db follow.
     unsafe { out.set_len(o * i) };
     out.resize(o * i + i, T::zero());
     for part in partials {

@@ -527,6 +527,42 @@ fn fused_layers_match_the_unfused_layers() {
     }
 }
 
+/// A noise layer whose draw underflows to 0 in f32 (`a = -120`, `θ ≈ e^-110`) stays out of
+/// the input layer's fused op, whose backward divides by `θ`: the gradients stay finite
+/// and equal the unfused layers'.
+#[test]
+fn output_noise_that_underflows_is_not_divided_back() {
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let config = candle_sbp::LogNormalDropoutConfig {
+        a: -120.0,
+        mu_init: -110.0,
+        log_sigma_init: -1.0,
+        mu_clamp: (-120.0, 5.0),
+        ..Default::default()
+    };
+    let net = candle_sbp::models::dropnet_model_a(Some(config), vb).unwrap();
+    net.reset_parameters(4).unwrap();
+    let every_node: Vec<usize> = (0..net.spec().nodes.len()).collect();
+    let x = random(&mut StdRng::seed_from_u64(9), &[6, 1, 28, 28], DType::F32);
+    let grads = |taps: &[usize]| {
+        net.reseed(11);
+        let (y, _) = net.forward_with(&x, true, taps).unwrap();
+        probe(&y, 3).backward().unwrap()
+    };
+    let (fused, plain) = (grads(&[]), grads(&every_node));
+    for (name, p) in net.named_params() {
+        let (a, b) = (fused.get(&p).unwrap(), plain.get(&p).unwrap());
+        let values = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()), "{name}: {values:?}");
+        let err = relative_error(a, b);
+        assert!(
+            err < gradient_tolerance(DType::F32),
+            "{name} differs by {err:e}"
+        );
+    }
+}
+
 /// The fused cross-entropy gives candle-nn's value and gradient; a label out of range is an
 /// error naming it.
 #[test]

@@ -733,7 +733,11 @@ impl Net {
                 let (mut out, mut relu, mut used) = (None, false, 2);
                 for &n in &chain[2..] {
                     match &self.nodes[n] {
-                        NodeImpl::Noise(o) if out.is_none() && o.foldable(train) => out = Some(o),
+                        NodeImpl::Noise(o)
+                            if out.is_none() && o.foldable(train) && o.divides_back() =>
+                        {
+                            out = Some(o)
+                        }
                         _ if !relu && self.relu(n) => relu = true,
                         _ => break,
                     }
