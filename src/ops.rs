@@ -927,17 +927,40 @@ pub(crate) fn conv2d_impl(
     }
 }
 
-/// [`max_pool2d`] with `stride = kernel` in candle's ops: the windows as axes of a reshape
-/// of the input cropped to whole windows, and a max over each.
+/// [`max_pool2d`] with `stride = kernel` in candle's ops: a max over each window of
+/// [`windows`].
 fn max_pool2d_by_reduction(x: &Tensor, kernel: usize) -> Result<Tensor> {
+    windows(x, kernel)?.max(5)?.max(3)
+}
+
+/// The `kernel × kernel` windows of `x` `(N, C, H, W)` every `kernel`, as axes 3 and 5 of
+/// a reshape `(N, C, H/kernel, kernel, W/kernel, kernel)` of `x` cropped to whole windows.
+fn windows(x: &Tensor, kernel: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (oh, ow) = (h / kernel, w / kernel);
     x.narrow(2, 0, oh * kernel)?
         .narrow(3, 0, ow * kernel)?
         .contiguous()?
-        .reshape((n, c, oh, kernel, ow, kernel))?
-        .max(5)?
-        .max(3)
+        .reshape((n, c, oh, kernel, ow, kernel))
+}
+
+/// Average pooling of `x` `(N, C, H, W)` over `kernel × kernel` windows every `stride`
+/// (no padding), as candle's `avg_pool2d_with_stride` computes it. Where `x` needs a
+/// gradient, the windows do not overlap and do not tile `x` exactly, it is a mean over
+/// each window of a reshape: candle 0.11 spreads the gradient back by a nearest-neighbour
+/// upsampling to the input's size, which for a 5×5 input and 2×2 windows gives the
+/// cropped last row and column a gradient and routes the third row's to the first window.
+pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let uneven = x.rank() == 4
+        && kernel > 0
+        && kernel == stride
+        && x.dim(2)? >= kernel
+        && x.dim(3)? >= kernel
+        && (x.dim(2)? % kernel != 0 || x.dim(3)? % kernel != 0);
+    if uneven && needs_grad(x) {
+        return windows(x, kernel)?.mean(5)?.mean(3);
+    }
+    x.avg_pool2d_with_stride((kernel, kernel), (stride, stride))
 }
 
 /// `max_pool2d(conv2d(…), kernel, pool_stride)` (with a ReLU between where `relu`): in one

@@ -527,6 +527,48 @@ fn fused_layers_match_the_unfused_layers() {
     }
 }
 
+/// Average pooling: candle's values, and a gradient that gives each window's `1/k²` share
+/// to its values and nothing to the rows and columns cropped off, also where the windows
+/// do not tile the input (candle 0.11's own gradient there goes to the wrong rows).
+#[test]
+fn avg_pool_gradient_reaches_each_window() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (h, w, k) in [(4, 6, 2), (5, 5, 2), (7, 9, 3), (6, 6, 3)] {
+        let x = Var::from_tensor(&random(&mut rng, &[2, 3, h, w], DType::F64)).unwrap();
+        let y = ops::avg_pool2d(x.as_tensor(), k, k).unwrap();
+        let reference = x
+            .as_tensor()
+            .avg_pool2d_with_stride((k, k), (k, k))
+            .unwrap();
+        assert!(
+            relative_error(&reference, &y) < 1e-15,
+            "{h}x{w} k{k}: values"
+        );
+        let r = random(&mut rng, y.dims(), DType::F64);
+        let all = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = all.get(&x).unwrap().flatten_all().unwrap();
+        let grad = grad.to_vec1::<f64>().unwrap();
+        let r = r.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let (oh, ow) = (h / k, w / k);
+        for plane in 0..6 {
+            for i in 0..h {
+                for j in 0..w {
+                    let want = if i < oh * k && j < ow * k {
+                        r[plane * oh * ow + (i / k) * ow + j / k] / (k * k) as f64
+                    } else {
+                        0.0
+                    };
+                    let got = grad[plane * h * w + i * w + j];
+                    assert!(
+                        (got - want).abs() < 1e-15,
+                        "{h}x{w} k{k} ({plane}, {i}, {j}): {got} against {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// A noise layer whose draw underflows to 0 in f32 (`a = -120`, `θ ≈ e^-110`) stays out of
 /// the input layer's fused op, whose backward divides by `θ`: the gradients stay finite
 /// and equal the unfused layers'.

@@ -845,9 +845,7 @@ impl Net {
                 Activation::Silu => x.silu()?,
             },
             (&Op::MaxPool2d { kernel, stride }, _) => crate::ops::max_pool2d(x, kernel, stride)?,
-            (&Op::AvgPool2d { kernel, stride }, _) => {
-                x.avg_pool2d_with_stride((kernel, kernel), (stride, stride))?
-            }
+            (&Op::AvgPool2d { kernel, stride }, _) => crate::ops::avg_pool2d(x, kernel, stride)?,
             (Op::Flatten, _) => x.flatten_from(1)?,
             (&Op::Dropout { p }, NodeImpl::Dropout(rng)) => {
                 if train && p > 0.0 {
