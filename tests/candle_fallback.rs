@@ -6,12 +6,14 @@
 //! round-off flips with its sign). The switch is process-wide, so these tests have a
 //! binary of their own and take turns on it.
 
+mod common;
+
 use std::sync::Mutex;
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_sbp::train::{elbo, Adam, AdamConfig};
-use candle_sbp::{models, ops, LogNormalDropoutConfig, Net, NoiseMode};
+use candle_sbp::{compress, models, ops, CompressConfig, LogNormalDropoutConfig, Net, NoiseMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -214,6 +216,33 @@ fn noise_per_example_trains_alike_on_candles_ops() {
 fn vgg_like_trains_alike_on_candles_ops() {
     let narrow: Build = |sbp, vb| models::vgg_like(1.0 / 16.0, sbp, vb);
     compare("vgg-like", narrow, (3, 32, 32));
+}
+
+/// compress() on candle's ops: a narrow VGG-like network with about half the units of each
+/// noise layer without signal shrinks, and the smaller network evaluates as the original
+/// did, on candle's ops and on the kernels.
+#[test]
+fn compression_on_candles_ops_keeps_the_evaluation() {
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let was = ops::set_cpu_kernels(false);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let config = LogNormalDropoutConfig::default();
+    let net = models::vgg_like(1.0 / 16.0, Some(config), vb).unwrap();
+    net.reset_parameters(3).unwrap();
+    common::set_noise_keeps(&net, 2, 0.5);
+    let mut rng = StdRng::seed_from_u64(4);
+    let pixels: Vec<f64> = (0..4 * 3 * 32 * 32).map(|_| rng.random()).collect();
+    let xs = Tensor::from_vec(pixels, (4, 3, 32, 32), &Device::Cpu).unwrap();
+    let before = values(&net.forward_t(&xs, false).unwrap());
+    let small = compress(&net, &CompressConfig::default()).unwrap();
+    let on_candle = values(&small.net.forward_t(&xs, false).unwrap());
+    ops::set_cpu_kernels(was);
+    let on_kernels = values(&small.net.forward_t(&xs, false).unwrap());
+    let ratio = small.report.macs_ratio();
+    assert!(ratio > 1.5, "{ratio}x fewer multiply-accumulates");
+    assert!(relative_error(&on_candle, &before) < 1e-9);
+    assert!(relative_error(&on_kernels, &before) < 1e-9);
 }
 
 /// Off, the inference plan compiles nothing and says why; on again, it compiles.
