@@ -1,6 +1,6 @@
 //! The VGG-like network on CIFAR-10 with Structured Bayesian Pruning. On a CPU the default
 //! is a narrow network (`--width 0.25`) and a short schedule; the paper's configuration is
-//! `--width 1 --epochs 200` with `--features cuda`.
+//! `--width 1 --epochs 200`, on a GPU with `--features cuda` (`--device` picks it by default).
 //!
 //!     cargo run --release --example vgg_cifar10 -- --help
 

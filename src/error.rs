@@ -100,6 +100,16 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A device that cannot be opened: an unknown name, or a GPU this build or machine
+    /// does not have.
+    #[error("device {name:?}: {reason}")]
+    Device {
+        /// The device as named.
+        name: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
     /// A file whose contents are not what they must be (truncated, tampered, wrong format).
     #[error("{}: {reason}", path.display())]
     Format {

@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use candle::utils::{cuda_is_available, metal_is_available};
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::compress::{compress, CompressConfig, Compressed};
 use crate::data::ImageSet;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layer::LogNormalDropoutConfig;
 use crate::net::Net;
 use crate::report::{test_error, time_forward, ExperimentReport};
@@ -107,6 +108,56 @@ impl Outcome {
             })
             .collect();
         crate::plot::plot_run(path, &sbp, &names, &units, &self.snr)
+    }
+}
+
+/// The device named `name`: `cpu`; `cuda` or `cuda:N`; `metal` or `metal:N`; or `auto`, the
+/// first CUDA device where this build has CUDA (the `cuda` feature) and the machine a GPU,
+/// else the first Metal device likewise, else the CPU. A GPU that this build or machine
+/// lacks, an index that is not a number and an unknown name are errors that say which.
+///
+/// ```
+/// use candle_sbp::experiment::device;
+///
+/// assert!(device("cpu")?.is_cpu());
+/// let err = device("tpu").unwrap_err().to_string();
+/// assert!(err.contains("cpu, cuda[:N], metal[:N] or auto"), "{err}");
+/// # Ok::<(), candle_sbp::Error>(())
+/// ```
+pub fn device(name: &str) -> Result<Device> {
+    let fail = |reason: String| Error::Device {
+        name: name.to_string(),
+        reason,
+    };
+    let (kind, ordinal) = match name.split_once(':') {
+        Some((kind, index)) => match index.parse::<usize>() {
+            Ok(i) => (kind, Some(i)),
+            Err(_) => return Err(fail(format!("{index:?} is not a device index"))),
+        },
+        None => (name, None),
+    };
+    // A GPU of a kind this build has (its name, its feature), opened at the ordinal.
+    let gpu =
+        |built: bool, (what, feature): (&str, &str), open: fn(usize) -> candle::Result<Device>| {
+            if !built {
+                let reason = format!("this build has no {what}: build with --features {feature}");
+                return Err(fail(reason));
+            }
+            open(ordinal.unwrap_or(0)).map_err(|e| fail(e.to_string()))
+        };
+    match (kind, ordinal) {
+        ("cpu", None) => Ok(Device::Cpu),
+        ("auto", None) => {
+            let cuda = || cuda_is_available().then(|| Device::new_cuda(0).ok());
+            let metal = || metal_is_available().then(|| Device::new_metal(0).ok());
+            Ok(cuda()
+                .flatten()
+                .or_else(|| metal().flatten())
+                .unwrap_or(Device::Cpu))
+        }
+        ("cuda", _) => gpu(cuda_is_available(), ("CUDA", "cuda"), Device::new_cuda),
+        ("metal", _) => gpu(metal_is_available(), ("Metal", "metal"), Device::new_metal),
+        _ => Err(fail("expected cpu, cuda[:N], metal[:N] or auto".into())),
     }
 }
 

@@ -215,3 +215,47 @@ fn short_form_of_the_tuned_lenet500_300_recipe() {
         + report.units_after[2] * 10;
     assert!(report.params_after < hidden_only, "{}", report.params_after);
 }
+
+/// Devices by name: the CPU, `auto` (the CPU in a build without GPUs), and errors that
+/// name the problem for an unknown name, an index that is not a number and a GPU that the
+/// build lacks.
+#[test]
+fn devices_by_name() {
+    use candle_sbp::experiment::device;
+    assert!(device("cpu").unwrap().is_cpu());
+    let gpus = candle::utils::cuda_is_available() || candle::utils::metal_is_available();
+    if !gpus {
+        assert!(device("auto").unwrap().is_cpu());
+    }
+    let cases = [
+        ("tpu", "expected cpu, cuda[:N], metal[:N] or auto"),
+        ("cpu:1", "expected cpu, cuda[:N], metal[:N] or auto"),
+        ("cuda:x", "\"x\" is not a device index"),
+    ];
+    for (name, says) in cases {
+        let err = device(name).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, candle_sbp::Error::Device { .. }),
+            "{name}: {text}"
+        );
+        assert!(text.contains(says), "{name}: {text}");
+    }
+    for (name, feature, built) in [
+        (
+            "cuda:0",
+            "--features cuda",
+            candle::utils::cuda_is_available(),
+        ),
+        (
+            "metal",
+            "--features metal",
+            candle::utils::metal_is_available(),
+        ),
+    ] {
+        if !built {
+            let text = device(name).unwrap_err().to_string();
+            assert!(text.contains(feature), "{name}: {text}");
+        }
+    }
+}

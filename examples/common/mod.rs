@@ -91,6 +91,10 @@ pub struct Args {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Where to train: auto (a CUDA or Metal GPU where this build has one, else the CPU),
+    /// cpu, cuda[:N] or metal[:N]. GPUs need the build's `cuda` or `metal` feature.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Parses `NAME=WEIGHT` (a finite, non-negative weight).
@@ -113,11 +117,11 @@ pub fn parse_kl_weight(s: &str) -> Result<(String, f64), String> {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The recipe's settings for `net` with the explicit flags applied over them.
-pub fn experiment_config(net: PaperNet, args: &Args) -> ExperimentConfig {
+pub fn experiment_config(net: PaperNet, args: &Args) -> candle_sbp::Result<ExperimentConfig> {
     let recipe = Recipe::from(args.recipe).config(net);
     let mut kl_weights = recipe.kl_weights.clone();
     kl_weights.extend(args.kl_weights.iter().cloned());
-    ExperimentConfig {
+    Ok(ExperimentConfig {
         epochs_pretrain: args.epochs_pretrain.unwrap_or(recipe.epochs_pretrain),
         epochs_sbp: args.epochs.unwrap_or(recipe.epochs_sbp),
         seed: args.seed,
@@ -129,8 +133,9 @@ pub fn experiment_config(net: PaperNet, args: &Args) -> ExperimentConfig {
         finetune_epochs: args.finetune.unwrap_or(recipe.finetune_epochs),
         checkpoint: args.checkpoint.clone(),
         progress: !args.quiet,
+        device: candle_sbp::experiment::device(&args.device)?,
         ..recipe
-    }
+    })
 }
 
 /// Trains, compresses, prints the table and writes the report and the model.
@@ -146,9 +151,9 @@ pub fn main_with(
         train.pixels.truncate(args.train_limit * train.image_len());
         train.labels.truncate(args.train_limit);
     }
-    let config = experiment_config(net, args);
+    let config = experiment_config(net, args)?;
     println!(
-        "{name}: recipe {:?}, {} dense + {} SBP epochs, lr {}, noise lr {}, KL weights {:?}, KL warm-up {} epochs, fine-tuning {} epochs, seed {}",
+        "{name}: recipe {:?}, {} dense + {} SBP epochs, lr {}, noise lr {}, KL weights {:?}, KL warm-up {} epochs, fine-tuning {} epochs, seed {}, device {:?}",
         args.recipe,
         config.epochs_pretrain,
         config.epochs_sbp,
@@ -157,7 +162,8 @@ pub fn main_with(
         config.kl_weights,
         config.kl_warmup_epochs,
         config.finetune_epochs,
-        config.seed
+        config.seed,
+        config.device.location()
     );
     let outcome = run(model, &train, test, &config, |phase, s| {
         println!(
