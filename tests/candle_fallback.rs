@@ -20,6 +20,22 @@ use rand::{Rng, SeedableRng};
 /// Held by each test while it uses the switch.
 static SWITCH: Mutex<()> = Mutex::new(());
 
+/// Sets the switch until dropped, then puts back what it was (also when a test fails, so
+/// that the next test does not run both sides on candle's ops).
+struct Kernels(bool);
+
+impl Kernels {
+    fn set(enabled: bool) -> Self {
+        Self(ops::set_cpu_kernels(enabled))
+    }
+}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        ops::set_cpu_kernels(self.0);
+    }
+}
+
 type Build = fn(Option<LogNormalDropoutConfig>, VarBuilder) -> candle_sbp::Result<Net>;
 
 /// Values by parameter name.
@@ -53,7 +69,7 @@ fn train(
     steps: usize,
     kernels: bool,
 ) -> Run {
-    let was = ops::set_cpu_kernels(kernels);
+    let switch = Kernels::set(kernels);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
     // Wide noise (σ = 0.37), so that the draws move the losses visibly.
@@ -102,7 +118,7 @@ fn train(
         .into_iter()
         .map(|(name, t)| (name, values(&t)))
         .collect();
-    ops::set_cpu_kernels(was);
+    drop(switch);
     Run {
         losses,
         grads,
@@ -224,7 +240,7 @@ fn vgg_like_trains_alike_on_candles_ops() {
 #[test]
 fn compression_on_candles_ops_keeps_the_evaluation() {
     let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-    let was = ops::set_cpu_kernels(false);
+    let switch = Kernels::set(false);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
     let config = LogNormalDropoutConfig::default();
@@ -237,7 +253,7 @@ fn compression_on_candles_ops_keeps_the_evaluation() {
     let before = values(&net.forward_t(&xs, false).unwrap());
     let small = compress(&net, &CompressConfig::default()).unwrap();
     let on_candle = values(&small.net.forward_t(&xs, false).unwrap());
-    ops::set_cpu_kernels(was);
+    drop(switch);
     let on_kernels = values(&small.net.forward_t(&xs, false).unwrap());
     let ratio = small.report.macs_ratio();
     assert!(ratio > 1.5, "{ratio}x fewer multiply-accumulates");
@@ -252,9 +268,9 @@ fn the_inference_plan_follows_the_switch() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let net = models::lenet_300_100(None, vb).unwrap();
-    let was = ops::set_cpu_kernels(false);
+    let switch = Kernels::set(false);
     let off = net.inference_plan().unwrap();
-    ops::set_cpu_kernels(was);
+    drop(switch);
     let on = net.inference_plan().unwrap();
     assert!(!off.is_compiled());
     assert!(off.not_compiled_because().unwrap().contains("turned off"));
@@ -272,13 +288,13 @@ fn the_inference_plan_follows_the_switch() {
 #[test]
 fn max_pooling_on_candles_ops_passes_the_whole_gradient() {
     let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-    let was = ops::set_cpu_kernels(false);
+    let switch = Kernels::set(false);
     let pixels: Vec<f32> = (0..20).map(|k| ((k * 7) % 20) as f32).collect();
     let x = candle::Var::from_vec(pixels.clone(), (1, 1, 4, 5), &Device::Cpu).unwrap();
     let y = ops::max_pool2d(x.as_tensor(), 2, 2).unwrap();
     let grads = y.sum_all().unwrap().backward().unwrap();
     let overlapping = ops::max_pool2d(x.as_tensor(), 3, 1).unwrap();
-    ops::set_cpu_kernels(was);
+    drop(switch);
     let g: Vec<f32> = grads
         .get(&x)
         .unwrap()
