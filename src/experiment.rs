@@ -148,12 +148,13 @@ pub fn device(name: &str) -> Result<Device> {
     match (kind, ordinal) {
         ("cpu", None) => Ok(Device::Cpu),
         ("auto", None) => {
-            let cuda = || cuda_is_available().then(|| Device::new_cuda(0).ok());
-            let metal = || metal_is_available().then(|| Device::new_metal(0).ok());
-            Ok(cuda()
-                .flatten()
-                .or_else(|| metal().flatten())
-                .unwrap_or(Device::Cpu))
+            let cuda = cuda_is_available().then(|| Device::new_cuda(0).ok());
+            let metal = || {
+                metal_is_available()
+                    .then(|| Device::new_metal(0).ok())
+                    .flatten()
+            };
+            Ok(cuda.flatten().or_else(metal).unwrap_or(Device::Cpu))
         }
         ("cuda", _) => gpu(cuda_is_available(), ("CUDA", "cuda"), Device::new_cuda),
         ("metal", _) => gpu(metal_is_available(), ("Metal", "metal"), Device::new_metal),

@@ -927,12 +927,6 @@ pub(crate) fn conv2d_impl(
     }
 }
 
-/// [`max_pool2d`] with `stride = kernel` in candle's ops: a max over each window of
-/// [`windows`].
-fn max_pool2d_by_reduction(x: &Tensor, kernel: usize) -> Result<Tensor> {
-    windows(x, kernel)?.max(5)?.max(3)
-}
-
 /// The `kernel × kernel` windows of `x` `(N, C, H, W)` every `kernel`, as axes 3 and 5 of
 /// a reshape `(N, C, H/kernel, kernel, W/kernel, kernel)` of `x` cropped to whole windows.
 fn windows(x: &Tensor, kernel: usize) -> Result<Tensor> {
@@ -1623,7 +1617,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
         x.rank() == 4 && kernel > 0 && stride > 0 && x.dim(2)? >= kernel && x.dim(3)? >= kernel;
     if !fits || !fast_path(&[x]) {
         if fits && kernel == stride && needs_grad(x) {
-            return max_pool2d_by_reduction(x, kernel);
+            return windows(x, kernel)?.max(5)?.max(3);
         }
         return x.max_pool2d_with_stride((kernel, kernel), (stride, stride));
     }
@@ -2596,8 +2590,9 @@ pub(crate) fn surrogate_scalar(
 /// (each with its own pass, buffers and gradient sum).
 ///
 /// With `scaled_out`, the `θ` operand is the input draw followed by the draw of a noise
-/// layer on the outputs, `y = relu((x ⊙ θ_in)·wᵀ + b) ⊙ θ_out`, multiplied in the same
-/// pass as the bias: the outputs' noise then costs no node on the activations. Backward,
+/// layer on the outputs, `y = relu((x ⊙ θ_in)·wᵀ + b) ⊙ θ_out`, multiplied (with the ReLU)
+/// in one pass over the output after the bias: the outputs' noise then costs no node on
+/// the activations. Backward,
 /// one pass over the output and its gradient gives both the gradient before the noise and
 /// `dθ_out = Σ_rows grad·y / θ_out`.
 #[derive(Debug, Clone)]
@@ -2765,9 +2760,9 @@ fn noise_linear_backward<T: WithDType>(
         out[o * i..].iter_mut().zip(part).for_each(|(d, p)| *d += p);
     }
     out.extend_from_slice(&d_theta_out);
-    let mut db = vec![T::zero(); o];
-    sum_rows_into(&mut db, grad);
-    out.extend_from_slice(&db);
+    let db_at = out.len();
+    out.resize(db_at + o, T::zero());
+    sum_rows_into(&mut out[db_at..], grad);
     Ok(out)
 }
 

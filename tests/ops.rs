@@ -453,7 +453,8 @@ fn small_noisy_mlp(
 }
 
 /// Fused ops: in training a noise layer on the input of a linear layer (no gradient for
-/// the input, `dθ` from the weight gradient, the bias and a ReLU in the same op), a noise
+/// the input, `dθ` from the weight gradient, the bias, a ReLU and on the MLP the noise
+/// layer on its outputs in the same op), a noise
 /// layer folded into the input columns of a small linear layer after it, and noise layers
 /// next to a ReLU (one pass); in training and evaluation a convolution or linear layer and
 /// the ReLU after it. Tapping every node keeps all layers apart. Same draws, same loss,
